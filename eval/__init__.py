@@ -1,0 +1,1 @@
+"""Verifiable tasks, answer extraction and scoring, and evaluation of models on them."""

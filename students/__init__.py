@@ -1,0 +1,1 @@
+"""Building a student from a teacher (full copy or LoRA) and its decoding defaults. Filled by the distillation work."""
