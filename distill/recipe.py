@@ -54,7 +54,7 @@ class RunConfig(Section):
       the same teacher + data reuses them; null disables the cache.
     """
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "run"
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] = "run"
     output_dir: Path | None = None
     seed: NonNegativeInt = 0
     stages: Annotated[list[Literal["teacher", "eval"]], Field(min_length=1)] = ["teacher", "eval"]
@@ -142,15 +142,15 @@ class PretrainConfig(Section):
     - `diffusion`: the diffusion phase (full attention; t ~ U[mask_eps, 1]; each response token masked with
       probability t; CE on masked tokens weighted by 1/t).
     - `mask_eps`: lower bound of t (t near 0 gives a loss weight 1/t that explodes).
-    - `pad_max`: answers get a uniformly random number in [0, pad_max] of extra pad tokens after EOS, so the
-      model does not learn the response length from where the canvas ends (Dimple's length-bias fix).
+
+    In both phases each answer is followed by a uniformly random number of pad tokens, so its canvas ends
+    anywhere between its EOS and `data.max_response_tokens` (Dimple's fix for length bias).
     """
 
     model: ModelSizeConfig = ModelSizeConfig()
     ar: TrainConfig = TrainConfig(max_steps=200)
     diffusion: TrainConfig = TrainConfig(max_steps=600)
     mask_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-3
-    pad_max: NonNegativeInt = 8
 
 
 class TeacherConfig(Section):
@@ -200,7 +200,11 @@ class AdditionTask(Section):
 
 
 class WordProblemsTask(Section):
-    """Templated multi-step arithmetic word problems ending in `#### <answer>` (GSM8K-style)."""
+    """Templated multi-step arithmetic word problems ending in `#### <answer>` (GSM8K-style).
+
+    The running count stays within 0..max_value and each added or removed amount is at most
+    max(1, (max_value - 1) // 2), which keeps default responses within 31 characters.
+    """
 
     name: Literal["word_problems"]
     train_size: NonNegativeInt = 20000
@@ -242,7 +246,7 @@ class FileSource(Section):
       `auto` (detected from the columns).
     """
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
     train_path: Path | None = None
     eval_path: Path | None = None
     format: Literal["auto", "gsm8k", "prompt_response"] = "auto"

@@ -11,9 +11,10 @@ Decoders, data preparation and losses only ever talk to `Teacher`. It hides the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -57,6 +58,10 @@ class Teacher:
         self.name = name
         self.shifted = shifted
         self.mask_token_id = mask_token_id
+
+    def with_model(self, model: Any) -> Teacher:
+        """The same interface over another module with the same weights layout (e.g. a DeepSpeed engine)."""
+        return Teacher(model, self.tokenizer, name=self.name, shifted=self.shifted, mask_token_id=self.mask_token_id)
 
     # -- tokens -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""Turning task records into token ids and training batches, with exactly the chat format decoding uses.
+
+`encode_records` is the only place a record becomes ids: the prompt goes through `Teacher.encode_prompt` (the
+chat format) and the response through `Teacher.encode_response` (answer + EOS), so training, trajectories and
+evaluation can never disagree about where the response starts.
+
+`SequencePool.batch(index)` builds a training micro-batch deterministically from its global index (the trainer's
+determinism contract): `[prompt | response | answer padding]` rows, right-padded to a common width. Answer padding
+is Dimple's fix for length bias: each response is followed by a uniformly random number of pad tokens so that its
+canvas ends anywhere between the EOS and `max_response_tokens`; those pads are real targets (the model learns to
+fill a canvas tail with them). Batch padding beyond that is masked out of attention and loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from teachers.interface import Teacher
+
+
+@dataclass
+class EncodedExample:
+    prompt: list[int]
+    response: list[int]  # answer ids + EOS
+    task: str = ""
+
+
+def encode_records(teacher: Teacher, records, max_response_tokens: int) -> list[EncodedExample]:
+    """Tokenize records (dicts with `prompt`, `response`); a response longer than the canvas is an error."""
+    examples = []
+    for record in records:
+        response = teacher.encode_response(record["response"])
+        if len(response) > max_response_tokens:
+            raise ValueError(
+                f"data.max_response_tokens: record {record.get('id', '?')} needs {len(response)} response tokens "
+                f"(answer + EOS), more than {max_response_tokens}"
+            )
+        examples.append(
+            EncodedExample(
+                prompt=teacher.encode_prompt(record["prompt"]), response=response, task=record.get("task", "")
+            )
+        )
+    return examples
+
+
+class SequencePool:
+    """Deterministic micro-batches from a fixed list of examples.
+
+    Batch `index` on rank `rank` is drawn with `random.Random((seed, rank, index))`, so a resumed run sees exactly
+    the batches the uninterrupted run saw. Each micro-batch comes from one task (chosen with probability
+    proportional to its size): tasks differ a lot in prompt length, and mixing them would pad every row of a
+    batch to the longest task's width.
+    """
+
+    def __init__(
+        self,
+        examples: list[EncodedExample],
+        micro_batch_size: int,
+        max_response_tokens: int,
+        pad_id: int,
+        seed: int,
+        rank: int = 0,
+        pad_answers: bool = True,
+    ):
+        if not examples:
+            raise ValueError("data: no training examples")
+        self.groups: dict[str, list[EncodedExample]] = {}
+        for example in examples:
+            self.groups.setdefault(example.task, []).append(example)
+        self.micro_batch_size = micro_batch_size
+        self.max_response_tokens = max_response_tokens
+        self.pad_id = pad_id
+        self.seed = seed
+        self.rank = rank
+        self.pad_answers = pad_answers
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """`input_ids`, `attention_mask` and `response_mask` (1 on response + answer padding), all `[B, T]`."""
+        rng = random.Random(f"{self.seed}-{self.rank}-{index}")
+        groups = list(self.groups.values())
+        group = rng.choices(groups, weights=[len(g) for g in groups])[0]
+        chosen = [group[rng.randrange(len(group))] for _ in range(self.micro_batch_size)]
+        rows = []
+        for example in chosen:
+            extra = self.max_response_tokens - len(example.response)
+            padding = rng.randint(0, extra) if self.pad_answers else 0
+            rows.append((example.prompt, example.response + [self.pad_id] * padding))
+        width = max(len(prompt) + len(response) for prompt, response in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (prompt, response) in enumerate(rows):
+            length = len(prompt) + len(response)
+            input_ids[row, :length] = torch.tensor(prompt + response)
+            attention_mask[row, :length] = 1
+            response_mask[row, len(prompt) : length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}

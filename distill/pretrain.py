@@ -1,0 +1,104 @@
+"""Teacher pretraining in Dimple's paradigm: an autoregressive phase, then a masked-diffusion phase.
+
+1. AR phase: causal attention, next-token CE on response tokens. Its weights are saved as `ar-baseline` (with
+   `causal: true` in its config), the autoregressive model that speed comparisons use.
+2. Diffusion phase, continuing from the AR weights: full attention; t ~ U[mask_eps, 1]; every response token
+   (answer padding included) masked with probability t; CE on masked tokens weighted by 1/t.
+
+Both phases run on the one DeepSpeed trainer with their own `TrainConfig` (`teacher.pretrain.ar` and
+`teacher.pretrain.diffusion`), so they checkpoint and resume independently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distill.data import SequencePool, encode_records
+from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
+from distill.recipe import Recipe, TrainConfig
+from distill.trainer import Trainer
+from teachers.interface import Teacher, new_tiny_teacher, save_teacher
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def ar_loss(teacher: Teacher):
+    def loss_fn(model, batch, generator):
+        logits = teacher.with_model(model).forward(batch["input_ids"], batch["attention_mask"], causal=True)
+        loss = next_token_loss(logits, batch["input_ids"], batch["response_mask"])
+        return loss, {"ar_ce": loss.item()}
+
+    return loss_fn
+
+
+def diffusion_loss(teacher: Teacher, eps: float):
+    def loss_fn(model, batch, generator):
+        noisy, masked, t = mask_tokens(
+            batch["input_ids"], batch["response_mask"], teacher.mask_token_id, eps, generator
+        )
+        logits = teacher.with_model(model).forward(noisy, batch["attention_mask"], causal=False)
+        loss = masked_diffusion_loss(logits, batch["input_ids"], masked, t, batch["response_mask"])
+        return loss, {"masked_fraction": (masked.sum() / batch["response_mask"].sum()).item()}
+
+    return loss_fn
+
+
+def _train_phase(
+    teacher: Teacher, recipe: Recipe, config: TrainConfig, phase: str, loss_fn, examples, out_dir: Path
+) -> None:
+    if config.max_steps == 0:
+        return
+    pool = SequencePool(
+        examples,
+        micro_batch_size=config.micro_batch_size,
+        max_response_tokens=recipe.data.max_response_tokens,
+        pad_id=teacher.pad_token_id,
+        seed=recipe.run.seed,
+        rank=_rank(),
+    )
+    trainer = Trainer(
+        teacher.model,
+        config,
+        out_dir / f"pretrain-{phase}",
+        loss_fn,
+        pool.batch,
+        run_name=f"{recipe.run.name}-{phase}",
+        logging=recipe.logging,
+        seed=recipe.run.seed,
+        phase=phase,
+    )
+    trainer.train()
+    state = trainer.full_state_dict()
+    if _rank() == 0:
+        teacher.model.load_state_dict(state)
+
+
+def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """Pretrain the tiny teacher; returns `(teacher_dir, ar_baseline_dir)` under `out_dir`."""
+    spec = recipe.teacher.pretrain
+    torch.manual_seed(recipe.run.seed)
+    teacher = new_tiny_teacher(**spec.model.model_dump())
+    examples = encode_records(teacher, train_records, recipe.data.max_response_tokens)
+    teacher_dir, ar_dir = out_dir / "teacher", out_dir / "ar-baseline"
+
+    # ---- autoregressive phase -----------------------------------------------------------------------------
+    _train_phase(teacher, recipe, spec.ar, "ar", ar_loss(teacher), examples, out_dir)
+    if _rank() == 0:
+        teacher.model.config.causal = True
+        save_teacher(teacher, ar_dir)
+        teacher.model.config.causal = False
+
+    # ---- diffusion phase ----------------------------------------------------------------------------------
+    _train_phase(
+        teacher, recipe, spec.diffusion, "diffusion", diffusion_loss(teacher, spec.mask_eps), examples, out_dir
+    )
+    if _rank() == 0:
+        save_teacher(teacher, teacher_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return teacher_dir, ar_dir

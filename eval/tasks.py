@@ -1,0 +1,368 @@
+"""Verifiable tasks: seeded generators, answer extraction, exact-match scoring and `datasets` storage.
+
+Every record is a dict with exactly the keys of `COLUMNS`: `id` (`<task>-<sha1(prompt)[:12]>`), `task`, `prompt`
+(the raw question; the chat format is applied elsewhere), `response` (the reference text the model learns to
+produce, always ending in `#### <answer>`) and `answer` (the final answer string that scoring compares).
+
+Response formats are deliberately short, because a tiny character-level model trains on them on CPU (with the
+default task configs every response is at most 31 characters, so response + EOS fits a 32-token canvas):
+
+- `addition`: prompt `347+285=`, response `C:0110 #### 632`. The scratchpad after `C:` is the carry *into* each
+  column of the sum, most significant column first, with n + 1 columns for n = the longer operand's digit count
+  (for 347+285 the carries into the ones, tens, hundreds and thousands columns are 0, 1, 1, 0). Then ` #### ` and
+  the sum without leading zeros. More: `5+7=` -> `C:10 #### 12`, `99+1=` -> `C:110 #### 100`, `0+0=` ->
+  `C:00 #### 0`. Each operand's digit count is uniform in min_digits..max_digits; no leading zeros (0 is `0`).
+- `word_problems`: prompt `Ann has 5 apples. She buys 3 more. She gives away 2. How many apples does Ann have?`,
+  response `5+3=8 8-2=6 #### 6`: one `a op b=c` equation per step (`+`, `-`, `*`), space separated. The start is in
+  1..max_value and the count stays within 0..max_value throughout; each add/subtract amount is at most
+  max(1, (max_value - 1) // 2) (so 9 for the default 20: one digit, which is what keeps three steps inside 31
+  characters); "doubles them" / "triples them" multiply by 2 / 3.
+- `sorting`: prompt `sort 5 3 9 1`, response `#### 1 3 5 9`, answer `1 3 5 9` (ascending, duplicates kept).
+
+Train and eval are disjoint by prompt: a prompt belongs to eval iff `int(sha1(prompt), 16) % 10 == 0`, so a split
+is filled by walking one seeded stream of candidates and keeping the unique prompts that hash into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from datasets import (
+    Dataset,
+    DatasetDict,
+    Features,
+    Value,
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+    load_from_disk,
+)
+
+from distill.recipe import AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
+
+TaskConfig = AdditionTask | WordProblemsTask | SortingTask
+
+COLUMNS = ("id", "task", "prompt", "response", "answer")
+FEATURES = Features({column: Value("string") for column in COLUMNS})
+SPLITS = ("train", "eval")
+ANSWER_MARKER = "####"
+FINGERPRINT_FILE = "fewstep_data.json"
+# Bump when a generator or the record schema changes, so datasets cached on disk are rebuilt rather than reused.
+DATA_FORMAT_VERSION = 1
+
+# One draw in ten lands in eval, so filling eval needs ~10x its size in draws; the slack on top lets a small but
+# sufficient problem space be collected completely (coupon collector) before we declare it too small.
+_DRAWS_PER_RECORD = 50
+_MIN_DRAWS = 10_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answer extraction and scoring
+
+
+def _normalise(text: str) -> str:
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text.strip())
+    text = " ".join(text.split())
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+def extract_answer(text: str) -> str | None:
+    """The normalised text after the last `####`, or None when there is no marker.
+
+    Normalising strips the ends, removes thousands separators (`1,234` -> `1234`), collapses runs of whitespace to
+    one space and drops one trailing period, so `#### 1,234.` and `####1234` both give `1234`.
+    """
+    head, marker, tail = text.rpartition(ANSWER_MARKER)
+    if not marker:
+        return None
+    return _normalise(tail)
+
+
+def is_correct(output: str, answer: str) -> bool:
+    """Exact match of the answer extracted from `output` with the normalised reference `answer`.
+
+    An empty reference (a user record whose response has no `####`) can never be matched: it cannot be verified.
+    """
+    expected = _normalise(answer)
+    return bool(expected) and extract_answer(output) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def make_record(task: str, prompt: str, response: str, answer: str, record_id: str | None = None) -> dict:
+    """A record with exactly the keys of `COLUMNS`; the id defaults to `<task>-<sha1(prompt)[:12]>`."""
+    return {
+        "id": record_id or f"{task}-{_sha1(prompt)[:12]}",
+        "task": task,
+        "prompt": prompt,
+        "response": response,
+        "answer": answer,
+    }
+
+
+def records_to_dataset(records: list[dict]) -> Dataset:
+    """A `Dataset` with the record schema (all string columns); an empty list gives an empty dataset."""
+    return Dataset.from_dict({column: [record[column] for record in records] for column in COLUMNS}, features=FEATURES)
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to: `eval` for one prompt hash in ten, else `train`."""
+    return "eval" if int(_sha1(prompt), 16) % 10 == 0 else "train"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generators: each draws one (prompt, response, answer) from the seeded stream
+
+
+def _draw_operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
+    digits = rng.randint(min_digits, max_digits)
+    if digits == 1:
+        return rng.randint(0, 9)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def addition_example(a: int, b: int) -> tuple[str, str, str]:
+    """The prompt, response and answer of `a+b=` in the carry-scratchpad format of the module docstring."""
+    width = max(len(str(a)), len(str(b)))
+    carries = [0]  # nothing carries into the ones column
+    for column in range(width):
+        column_sum = (a // 10**column) % 10 + (b // 10**column) % 10 + carries[-1]
+        carries.append(column_sum // 10)
+    scratchpad = "".join(str(carry) for carry in reversed(carries))
+    total = str(a + b)
+    return f"{a}+{b}=", f"C:{scratchpad} {ANSWER_MARKER} {total}", total
+
+
+def _draw_addition(config: AdditionTask, rng: random.Random) -> tuple[str, str, str]:
+    a = _draw_operand(rng, config.min_digits, config.max_digits)
+    b = _draw_operand(rng, config.min_digits, config.max_digits)
+    return addition_example(a, b)
+
+
+_PEOPLE = (
+    ("Ann", "She"),
+    ("Ben", "He"),
+    ("Cara", "She"),
+    ("Dan", "He"),
+    ("Eve", "She"),
+    ("Finn", "He"),
+    ("Gus", "He"),
+    ("Hana", "She"),
+    ("Ivy", "She"),
+    ("Joe", "He"),
+    ("Kim", "She"),
+    ("Leo", "He"),
+)
+_OBJECTS = (
+    ("apple", "apples"),
+    ("pen", "pens"),
+    ("card", "cards"),
+    ("marble", "marbles"),
+    ("shell", "shells"),
+    ("coin", "coins"),
+    ("book", "books"),
+    ("egg", "eggs"),
+)
+_ADD_PHRASES = ("buys {} more", "finds {} more", "gets {} more")
+_SUBTRACT_PHRASES = ("gives away {}", "loses {}", "sells {}")
+_MULTIPLY_PHRASES = {2: "doubles them", 3: "triples them"}
+
+
+def _draw_word_problem(config: WordProblemsTask, rng: random.Random) -> tuple[str, str, str]:
+    name, pronoun = rng.choice(_PEOPLE)
+    singular, plural = rng.choice(_OBJECTS)
+    step_cap = max(1, (config.max_value - 1) // 2)
+    total = rng.randint(1, config.max_value)
+    sentences = [f"{name} has {total} {singular if total == 1 else plural}."]
+    equations = []
+    for _ in range(rng.randint(config.min_steps, config.max_steps)):
+        # Only operations that keep the count within 0..max_value are offered; one of add/subtract always fits.
+        factors = [factor for factor in _MULTIPLY_PHRASES if total >= 1 and total * factor <= config.max_value]
+        operations = (["add"] if total < config.max_value else []) + (["subtract"] if total >= 1 else [])
+        operation = rng.choice(operations + (["multiply"] if factors else []))
+        if operation == "add":
+            amount = rng.randint(1, min(step_cap, config.max_value - total))
+            phrase, symbol, result = rng.choice(_ADD_PHRASES).format(amount), "+", total + amount
+        elif operation == "subtract":
+            amount = rng.randint(1, min(step_cap, total))
+            phrase, symbol, result = rng.choice(_SUBTRACT_PHRASES).format(amount), "-", total - amount
+        else:
+            amount = rng.choice(factors)
+            phrase, symbol, result = _MULTIPLY_PHRASES[amount], "*", total * amount
+        sentences.append(f"{pronoun} {phrase}.")
+        equations.append(f"{total}{symbol}{amount}={result}")
+        total = result
+    sentences.append(f"How many {plural} does {name} have?")
+    answer = str(total)
+    return " ".join(sentences), f"{' '.join(equations)} {ANSWER_MARKER} {answer}", answer
+
+
+def _draw_sorting(config: SortingTask, rng: random.Random) -> tuple[str, str, str]:
+    values = [rng.randint(0, config.max_value) for _ in range(rng.randint(config.min_length, config.max_length))]
+    answer = " ".join(str(value) for value in sorted(values))
+    return "sort " + " ".join(str(value) for value in values), f"{ANSWER_MARKER} {answer}", answer
+
+
+_GENERATORS: dict[str, Callable[..., tuple[str, str, str]]] = {
+    "addition": _draw_addition,
+    "word_problems": _draw_word_problem,
+    "sorting": _draw_sorting,
+}
+
+
+def generate(task_config: TaskConfig, split: str, seed: int) -> list[dict]:
+    """`train_size` (split `train`) or `eval_size` (split `eval`) unique records of a built-in task.
+
+    Candidates come from `random.Random(seed)`; those whose prompt hashes into the other split or repeats one
+    already kept are skipped, so the same seed gives identical records and train and eval never share a prompt.
+    Raises ValueError when the task's problem space cannot fill the split within a bounded number of draws.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (expected one of: {', '.join(SPLITS)})")
+    draw = _GENERATORS.get(task_config.name)
+    if draw is None:
+        raise ValueError(f"unknown task '{task_config.name}' (built-in tasks: {', '.join(_GENERATORS)})")
+    size = task_config.train_size if split == "train" else task_config.eval_size
+    rng = random.Random(seed)
+    max_draws = _DRAWS_PER_RECORD * size + _MIN_DRAWS
+    records: list[dict] = []
+    seen: set[str] = set()
+    draws = 0
+    while len(records) < size:
+        if draws == max_draws:
+            raise ValueError(
+                f"{task_config.name}: found only {len(records)} distinct {split} prompts of the {size} requested "
+                f"(train_size={task_config.train_size}, eval_size={task_config.eval_size}) in {draws} draws; "
+                f"the problem space is too small, widen the task's ranges or lower the sizes"
+            )
+        draws += 1
+        prompt, response, answer = draw(task_config, rng)
+        if prompt in seen or split_of(prompt) != split:
+            continue
+        seen.add(prompt)
+        records.append(make_record(task_config.name, prompt, response, answer))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage as `datasets` on disk, reused when the fingerprint matches
+
+
+def _task_seed(seed: int, name: str) -> int:
+    # Each task gets its own stream, so adding or reordering tasks never changes another task's records.
+    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:16], 16)
+
+
+def _file_digest(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None  # load_file_source reports the missing file with its own message
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(source: TaskConfig | FileSource, seed: int) -> str:
+    payload: dict = {"config": source.model_dump(mode="json"), "seed": seed, "version": DATA_FORMAT_VERSION}
+    if isinstance(source, FileSource):
+        # The config names the files, not their contents; an edited file must not be served from a stale copy.
+        payload["contents"] = [_file_digest(source.train_path), _file_digest(source.eval_path)]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _stored_metadata(task_dir: Path) -> dict:
+    try:
+        metadata = json.loads((task_dir / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    # A directory whose metadata names another task is a staging copy left by an interrupted build.
+    return metadata if isinstance(metadata, dict) and metadata.get("task") == task_dir.name else {}
+
+
+def _save_atomically(dataset: DatasetDict, task_dir: Path, metadata: dict) -> None:
+    task_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=task_dir.parent, prefix=f".{task_dir.name}.tmp-"))
+    try:
+        # One shard per split even when empty: `datasets` writes no shard for an empty split at the default
+        # sharding and then cannot load it back. The shard-writing progress bars are noise at these sizes.
+        bars_were_on = not are_progress_bars_disabled()
+        disable_progress_bars()
+        try:
+            dataset.save_to_disk(str(staging), num_shards=dict.fromkeys(dataset, 1))
+        finally:
+            if bars_were_on:
+                enable_progress_bars()
+        # Written last: a directory with a fingerprint is always complete.
+        (staging / FINGERPRINT_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        if task_dir.exists():
+            stale = Path(tempfile.mkdtemp(dir=task_dir.parent, prefix=f".{task_dir.name}.old-"))
+            os.replace(task_dir, stale / task_dir.name)
+            shutil.rmtree(stale)
+        os.replace(staging, task_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def build_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> dict[str, DatasetDict]:
+    """Generate (or reuse from disk) every task of `data_config` as a `DatasetDict` with `train` and `eval`.
+
+    Built-in tasks are generated with a seed mixed from `seed` and the task name; file sources are read with
+    `eval.userdata.load_file_source`. Each is saved to `out_dir/<task name>` (written to a temporary directory,
+    then renamed into place) with a `fewstep_data.json` fingerprint of its config, the seed and, for files, their
+    contents; a directory whose fingerprint matches is loaded instead of rebuilt.
+    """
+    # Imported here because userdata imports this module for the record schema and answer extraction.
+    from eval.userdata import load_file_source
+
+    out_dir = Path(out_dir)
+    datasets: dict[str, DatasetDict] = {}
+    for source in [*data_config.tasks, *data_config.files]:
+        if source.name in (".", ".."):
+            raise ValueError(f"task name '{source.name}' cannot be used as a directory name under {out_dir}")
+        task_dir = out_dir / source.name
+        fingerprint = _fingerprint(source, seed)
+        if _stored_metadata(task_dir).get("fingerprint") == fingerprint:
+            datasets[source.name] = load_from_disk(str(task_dir))
+            continue
+        if isinstance(source, FileSource):
+            dataset = load_file_source(source)
+        else:
+            task_seed = _task_seed(seed, source.name)
+            dataset = DatasetDict({split: records_to_dataset(generate(source, split, task_seed)) for split in SPLITS})
+        metadata = {
+            "fingerprint": fingerprint,
+            "task": source.name,
+            "seed": seed,
+            "version": DATA_FORMAT_VERSION,
+            "sizes": {split: len(dataset[split]) for split in SPLITS},
+        }
+        _save_atomically(dataset, task_dir, metadata)
+        datasets[source.name] = dataset
+    return datasets
+
+
+def load_task_datasets(out_dir: Path) -> dict[str, DatasetDict]:
+    """Reload every task saved by `build_task_datasets` under `out_dir`, keyed by task name (sorted)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"no task datasets at {out_dir}: directory does not exist")
+    task_dirs = sorted(path for path in out_dir.iterdir() if _stored_metadata(path))
+    return {task_dir.name: load_from_disk(str(task_dir)) for task_dir in task_dirs}

@@ -1,0 +1,149 @@
+"""User data from local JSON-lines or parquet files, turned into task records with the built-in tasks' schema.
+
+A `FileSource` names a train file and/or an eval file: JSON lines (`.jsonl`, or `.json`, which may instead hold one
+JSON array of rows) or parquet (`.parquet`), with rows in one of two formats:
+
+- `gsm8k`: rows with `question` and `answer`, where `answer` is `<reasoning> #### <final>`. The prompt is the
+  question, the response is the answer text with GSM8K's `<<48/2=24>>` calculator annotations removed, and the
+  answer is the normalised text after `####`.
+- `prompt_response`: rows with `prompt` and `response`; the answer is what follows the last `####` in the
+  response, or "" when there is none (such records train but can never be scored correct).
+
+`auto` picks `prompt_response` when a file's first row has `prompt` and `response`, else `gsm8k` when it has
+`question` and `answer`. Every problem (missing file or column, unreadable or corrupt file, unsupported
+extension, a gsm8k answer without `####`) raises ValueError with a one-line message naming the file and, where
+there is one, the 1-based line (JSON lines) or row (parquet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
+from datasets import DatasetDict
+
+from distill.recipe import FileSource
+from eval.tasks import ANSWER_MARKER, extract_answer, make_record, records_to_dataset
+
+FORMAT_COLUMNS = {"gsm8k": ("question", "answer"), "prompt_response": ("prompt", "response")}
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def load_file_source(source: FileSource) -> DatasetDict:
+    """Both splits of a file source as a `DatasetDict` (`train` from `train_path`, `eval` from `eval_path`).
+
+    A missing path gives an empty split. Ids are `<name>-<sha1(prompt, response)[:12]>`, with `-2`, `-3`, ...
+    appended to repeats so they stay unique across both splits.
+    """
+    id_counts: Counter[str] = Counter()
+    splits = {}
+    for split, path in (("train", source.train_path), ("eval", source.eval_path)):
+        records = [] if path is None else _records_from_file(source, Path(path), id_counts)
+        splits[split] = records_to_dataset(records)
+    return DatasetDict(splits)
+
+
+def _records_from_file(source: FileSource, path: Path, id_counts: Counter[str]) -> list[dict]:
+    rows = _read_rows(path)
+    if not rows:
+        return []
+    data_format = source.format if source.format != "auto" else _detect_format(path, rows[0][1])
+    records = []
+    for where, row in rows:
+        prompt, response, answer = _convert_row(path, where, row, data_format)
+        digest = hashlib.sha1(f"{prompt}\0{response}".encode()).hexdigest()
+        base_id = f"{source.name}-{digest[:12]}"
+        id_counts[base_id] += 1
+        record_id = base_id if id_counts[base_id] == 1 else f"{base_id}-{id_counts[base_id]}"
+        records.append(make_record(source.name, prompt, response, answer, record_id=record_id))
+    return records
+
+
+def _detect_format(path: Path, first_row: dict) -> str:
+    for data_format in ("prompt_response", "gsm8k"):
+        if all(column in first_row for column in FORMAT_COLUMNS[data_format]):
+            return data_format
+    columns = ", ".join(map(str, first_row)) or "none"
+    raise ValueError(
+        f"{path}: cannot detect the format from the columns ({columns}); expected question + answer (gsm8k) "
+        f"or prompt + response (prompt_response)"
+    )
+
+
+def _convert_row(path: Path, where: str, row: dict, data_format: str) -> tuple[str, str, str]:
+    values = []
+    for column in FORMAT_COLUMNS[data_format]:
+        if column not in row:
+            raise ValueError(f"{path}: {where}: missing column '{column}' (format {data_format})")
+        if not isinstance(row[column], str):
+            kind = type(row[column]).__name__
+            raise ValueError(f"{path}: {where}: column '{column}' must be a string, got {kind}")
+        values.append(row[column])
+    prompt, text = values
+    if data_format == "prompt_response":
+        return prompt, text, extract_answer(text) or ""
+    answer = extract_answer(text)
+    if answer is None:
+        raise ValueError(f"{path}: {where}: gsm8k answer has no '{ANSWER_MARKER} <final answer>'")
+    if not answer:
+        raise ValueError(f"{path}: {where}: gsm8k answer is empty after '{ANSWER_MARKER}'")
+    return prompt, _CALCULATOR_ANNOTATION.sub("", text), answer
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs: `where` is `line N` or `row N` (1-based) for error messages."""
+    suffix = path.suffix.lower()
+    if suffix not in JSON_SUFFIXES + PARQUET_SUFFIXES:
+        supported = ", ".join(JSON_SUFFIXES + PARQUET_SUFFIXES)
+        raise ValueError(f"{path}: unsupported file type '{suffix or path.name}' (use {supported})")
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    if suffix in PARQUET_SUFFIXES:
+        return _read_parquet(path)
+    return _read_json(path)
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: not a readable parquet file ({detail})") from None
+    return [(f"row {index}", row) for index, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({type(error).__name__})") from None
+    # A `.json` file may also hold one JSON array of rows, the other common way such files are written.
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        return [_json_object(path, f"row {index}", item) for index, item in enumerate(items, start=1)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+        rows.append(_json_object(path, f"line {number}", item))
+    return rows
+
+
+def _json_object(path: Path, where: str, item: object) -> tuple[str, dict]:
+    if not isinstance(item, dict):
+        raise ValueError(f"{path}: {where}: expected a JSON object, got {type(item).__name__}")
+    return where, item

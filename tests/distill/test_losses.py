@@ -1,0 +1,49 @@
+"""Each training objective against a direct formula."""
+
+import math
+
+import torch
+
+from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
+
+
+def test_next_token_loss_is_mean_ce_over_mask():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    expected, count = 0.0, 0
+    for b in range(2):
+        for i in range(5):
+            if mask[b, i]:
+                expected += -torch.log_softmax(logits[b, i], -1)[targets[b, i]].item()
+                count += 1
+    assert math.isclose(next_token_loss(logits, targets, mask).item(), expected / count, rel_tol=1e-6)
+
+
+def test_masked_diffusion_loss_weights_by_inverse_t_and_response_length():
+    torch.manual_seed(1)
+    logits, targets = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
+    masked = torch.tensor([[0, 0, 1, 0, 1, 1], [0, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    t = torch.tensor([0.5, 0.25])
+    per_sample = []
+    for b in range(2):
+        total = sum(-torch.log_softmax(logits[b, i], -1)[targets[b, i]].item() for i in range(6) if masked[b, i])
+        per_sample.append(total / t[b].item() / response[b].sum().item())
+    got = masked_diffusion_loss(logits, targets, masked, t, response).item()
+    assert math.isclose(got, sum(per_sample) / 2, rel_tol=1e-6)
+
+
+def test_mask_tokens_masks_only_response_at_rate_t():
+    ids = torch.arange(4000).remainder(50).view(2, 2000) + 10
+    response = torch.zeros(2, 2000, dtype=torch.long)
+    response[:, 100:] = 1
+    noisy, masked, t = mask_tokens(ids, response, 0, 0.1, torch.Generator().manual_seed(0))
+    assert not masked[:, :100].any()
+    assert torch.equal(noisy[masked], torch.zeros(int(masked.sum()), dtype=torch.long))
+    assert torch.equal(noisy[~masked], ids[~masked])
+    assert ((t >= 0.1) & (t <= 1)).all()
+    rates = masked[:, 100:].float().mean(-1)
+    assert torch.allclose(rates, t, atol=0.05)
+    again = mask_tokens(ids, response, 0, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], noisy)

@@ -1,0 +1,341 @@
+"""Pins the built-in task formats, re-derives every generated record independently, and checks storage."""
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from distill.recipe import AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
+from eval import tasks
+from eval.tasks import (
+    COLUMNS,
+    FINGERPRINT_FILE,
+    addition_example,
+    build_task_datasets,
+    extract_answer,
+    generate,
+    is_correct,
+    load_task_datasets,
+)
+
+SAMPLES = 400
+
+
+def _is_eval_prompt(prompt: str) -> bool:
+    return int(hashlib.sha1(prompt.encode()).hexdigest(), 16) % 10 == 0
+
+
+def _carries(a: int, b: int) -> str:
+    # A carry reaches column i exactly when the low i digits of a and b overflow 10**i.
+    columns = max(len(str(a)), len(str(b))) + 1
+    modulus = [10**i for i in range(columns)]
+    return "".join(str(int(a % modulus[i] + b % modulus[i] >= modulus[i])) for i in reversed(range(columns)))
+
+
+def _check_common(record: dict, task: str) -> None:
+    assert tuple(record) == COLUMNS
+    assert record["task"] == task
+    assert record["id"] == f"{task}-{hashlib.sha1(record['prompt'].encode()).hexdigest()[:12]}"
+    assert record["response"].endswith(f"#### {record['answer']}")
+    assert extract_answer(record["response"]) == record["answer"]
+    assert is_correct(record["response"], record["answer"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact formats on hand-worked examples
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "response"),
+    [
+        (347, 285, "C:0110 #### 632"),
+        (5, 7, "C:10 #### 12"),
+        (99, 1, "C:110 #### 100"),
+        (0, 0, "C:00 #### 0"),
+        (57, 68, "C:110 #### 125"),
+        (999, 999, "C:1110 #### 1998"),
+        (1, 999, "C:1110 #### 1000"),
+        (120, 3, "C:0000 #### 123"),
+    ],
+)
+def test_addition_format_on_hand_examples(a: int, b: int, response: str) -> None:
+    assert addition_example(a, b) == (f"{a}+{b}=", response, response.split("#### ")[1])
+
+
+def test_word_problem_and_sorting_formats() -> None:
+    word = generate(WordProblemsTask(name="word_problems", train_size=5, eval_size=0), "train", seed=3)[0]
+    assert re.fullmatch(r"[A-Z][a-z]+ has \d+ [a-z]+\. .+ How many [a-z]+ does [A-Z][a-z]+ have\?", word["prompt"])
+    assert re.fullmatch(r"(\d+[-+*]\d+=\d+ )+#### \d+", word["response"])
+    sort = generate(SortingTask(name="sorting", train_size=5, eval_size=0), "train", seed=3)[0]
+    assert re.fullmatch(r"sort \d+( \d+)+", sort["prompt"])
+    assert sort["response"] == f"#### {sort['answer']}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every generated record re-derived from its prompt
+
+
+def test_addition_records_are_correct() -> None:
+    config = AdditionTask(name="addition", train_size=SAMPLES, eval_size=40, min_digits=1, max_digits=4)
+    records = generate(config, "train", seed=1) + generate(config, "eval", seed=1)
+    digit_counts = set()
+    for record in records:
+        _check_common(record, "addition")
+        left, right = re.fullmatch(r"(0|[1-9]\d*)\+(0|[1-9]\d*)=", record["prompt"]).groups()
+        digit_counts.update((len(left), len(right)))
+        a, b = int(left), int(right)
+        assert record["answer"] == str(a + b)
+        assert record["response"] == f"C:{_carries(a, b)} #### {a + b}"
+    assert digit_counts == {1, 2, 3, 4}
+
+
+def _replay_word_problem(prompt: str) -> tuple[list[str], int]:
+    sentences = re.findall(r"[^.?]+[.?]", prompt)
+    start = re.fullmatch(r"([A-Z][a-z]+) has (\d+) ([a-z]+)\.", sentences[0])
+    name, total, noun = start.group(1), int(start.group(2)), start.group(3)
+    assert noun.endswith("s") == (total != 1)
+    question = re.fullmatch(r" How many ([a-z]+) does ([A-Z][a-z]+) have\?", sentences[-1])
+    assert question.group(2) == name and question.group(1).rstrip("s") == noun.rstrip("s")
+    equations = []
+    for sentence in sentences[1:-1]:
+        pronoun, action = re.fullmatch(r" (She|He) (.+)\.", sentence).groups()
+        assert pronoun in ("She", "He")
+        if match := re.fullmatch(r"(?:buys|finds|gets) (\d+) more", action):
+            amount = int(match.group(1))
+            equations.append(f"{total}+{amount}={total + amount}")
+            total += amount
+        elif match := re.fullmatch(r"(?:gives away|loses|sells) (\d+)", action):
+            amount = int(match.group(1))
+            equations.append(f"{total}-{amount}={total - amount}")
+            total -= amount
+        else:
+            factor = {"doubles them": 2, "triples them": 3}[action]
+            equations.append(f"{total}*{factor}={total * factor}")
+            total *= factor
+    return equations, total
+
+
+def test_word_problem_records_are_correct() -> None:
+    config = WordProblemsTask(name="word_problems", train_size=SAMPLES, eval_size=40)
+    records = generate(config, "train", seed=2) + generate(config, "eval", seed=2)
+    operators = set()
+    for record in records:
+        _check_common(record, "word_problems")
+        equations, total = _replay_word_problem(record["prompt"])
+        assert config.min_steps <= len(equations) <= config.max_steps
+        assert record["response"] == f"{' '.join(equations)} #### {total}"
+        assert record["answer"] == str(total)
+        for equation in equations:
+            a, operator, b, c = re.fullmatch(r"(\d+)([-+*])(\d+)=(\d+)", equation).groups()
+            operators.add(operator)
+            assert 0 <= int(c) <= config.max_value and int(a) <= config.max_value
+    assert operators == {"+", "-", "*"}
+
+
+def test_sorting_records_are_correct() -> None:
+    config = SortingTask(name="sorting", train_size=SAMPLES, eval_size=40, max_value=30)
+    records = generate(config, "train", seed=4) + generate(config, "eval", seed=4)
+    for record in records:
+        _check_common(record, "sorting")
+        values = [int(value) for value in record["prompt"].removeprefix("sort ").split(" ")]
+        assert config.min_length <= len(values) <= config.max_length
+        assert all(0 <= value <= config.max_value for value in values)
+        assert record["answer"] == " ".join(str(value) for value in sorted(values))
+
+
+def test_default_configs_fit_a_32_token_canvas() -> None:
+    # Response + EOS must fit data.max_response_tokens (32) under the character tokenizer.
+    configs = [
+        AdditionTask(name="addition", train_size=2000),
+        WordProblemsTask(name="word_problems", train_size=2000),
+        SortingTask(name="sorting", train_size=2000),
+    ]
+    for config in configs:
+        records = generate(config, "train", seed=0)
+        assert max(len(record["response"]) for record in records) <= 31
+        assert max(len(record["prompt"]) for record in records) <= 110
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits: disjoint, deterministic, bounded
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdditionTask(name="addition", train_size=300, eval_size=60, max_digits=2),
+        WordProblemsTask(name="word_problems", train_size=300, eval_size=60),
+        SortingTask(name="sorting", train_size=300, eval_size=60),
+    ],
+    ids=lambda config: config.name,
+)
+def test_splits_are_disjoint_unique_and_deterministic(config) -> None:
+    train, evaluation = generate(config, "train", seed=7), generate(config, "eval", seed=7)
+    assert (len(train), len(evaluation)) == (300, 60)
+    train_prompts = [record["prompt"] for record in train]
+    eval_prompts = [record["prompt"] for record in evaluation]
+    assert len(set(train_prompts)) == 300 and len(set(eval_prompts)) == 60
+    assert not set(train_prompts) & set(eval_prompts)
+    assert not any(_is_eval_prompt(prompt) for prompt in train_prompts)
+    assert all(_is_eval_prompt(prompt) for prompt in eval_prompts)
+    assert generate(config, "train", seed=7) == train
+    assert generate(config, "eval", seed=7) == evaluation
+    assert generate(config, "train", seed=8) != train
+    # A split depends only on its own size, so resizing eval never reshuffles train.
+    assert generate(config.model_copy(update={"eval_size": 5}), "train", seed=7) == train
+
+
+def test_a_small_problem_space_fills_completely_then_errors() -> None:
+    space = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    available = sum(not _is_eval_prompt(prompt) for prompt in space)
+    exact = AdditionTask(name="addition", train_size=available, eval_size=0, max_digits=1)
+    assert sorted(record["prompt"] for record in generate(exact, "train", seed=0)) == sorted(
+        prompt for prompt in space if not _is_eval_prompt(prompt)
+    )
+    too_many = exact.model_copy(update={"train_size": available + 1})
+    with pytest.raises(ValueError, match=rf"^addition: .*{available + 1} requested") as error:
+        generate(too_many, "train", seed=0)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_split_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        generate(SortingTask(name="sorting"), "test", seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answer extraction and scoring
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("no marker here", None),
+        ("", None),
+        ("5+3=8 #### 8", "8"),
+        ("####8", "8"),
+        ("####", ""),
+        ("#### 1 #### 2", "2"),
+        ("reasoning\n####   1,234,567.  ", "1234567"),
+        ("#### 12,34", "12,34"),
+        ("#### 1,2345", "1,2345"),
+        ("#### 3.50", "3.50"),
+        ("#### 1  3\t5\n9", "1 3 5 9"),
+        ("#### 7 .", "7"),
+        ("#### 7..", "7."),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("output", "answer", "correct"),
+    [
+        ("C:0110 #### 632", "632", True),
+        ("#### 1,000.", "1000", True),
+        ("#### 1 3  5", " 1 3 5 ", True),
+        ("632", "632", False),
+        ("#### 632", "0632", False),
+        ("#### 63", "632", False),
+        ("#### 632 apples", "632", False),
+        ("####", "", False),
+    ],
+)
+def test_is_correct(output: str, answer: str, correct: bool) -> None:
+    assert is_correct(output, answer) is correct
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage
+
+
+def _data_config(tmp_path) -> DataConfig:
+    user_file = tmp_path / "user.jsonl"
+    user_file.write_text(json.dumps({"prompt": "2+2?", "response": "#### 4"}) + "\n")
+    return DataConfig(
+        tasks=[
+            AdditionTask(name="addition", train_size=40, eval_size=8),
+            SortingTask(name="sorting", train_size=30, eval_size=0),
+        ],
+        files=[FileSource(name="mine", train_path=user_file)],
+    )
+
+
+def _as_lists(datasets: dict) -> dict:
+    return {name: {split: data[split].to_list() for split in data} for name, data in datasets.items()}
+
+
+def test_build_saves_and_reloads(tmp_path) -> None:
+    out_dir = tmp_path / "data"
+    built = build_task_datasets(_data_config(tmp_path), seed=5, out_dir=out_dir)
+    assert list(built) == ["addition", "sorting", "mine"]
+    for data in built.values():
+        assert list(data) == ["train", "eval"]
+        assert all(data[split].column_names == list(COLUMNS) for split in data)
+    assert (len(built["addition"]["train"]), len(built["addition"]["eval"])) == (40, 8)
+    assert len(built["sorting"]["eval"]) == 0
+    assert built["mine"]["train"].to_list() == [
+        {"id": built["mine"]["train"][0]["id"], "task": "mine", "prompt": "2+2?", "response": "#### 4", "answer": "4"}
+    ]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["addition", "mine", "sorting"]
+    assert json.loads((out_dir / "addition" / FINGERPRINT_FILE).read_text())["sizes"] == {"train": 40, "eval": 8}
+    reloaded = load_task_datasets(out_dir)
+    assert sorted(reloaded) == ["addition", "mine", "sorting"]
+    assert _as_lists(reloaded) == _as_lists(built)
+
+
+def test_tasks_use_distinct_streams(tmp_path) -> None:
+    config = DataConfig(tasks=[SortingTask(name="sorting", train_size=20, eval_size=2)])
+    built = build_task_datasets(config, seed=5, out_dir=tmp_path)
+    assert built["sorting"]["train"].to_list() != generate(config.tasks[0], "train", seed=5)
+
+
+def test_matching_fingerprint_is_reused_and_a_change_rebuilds(tmp_path, monkeypatch) -> None:
+    out_dir = tmp_path / "data"
+    config = _data_config(tmp_path)
+    first = _as_lists(build_task_datasets(config, seed=5, out_dir=out_dir))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("regenerated although the fingerprint matched")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "generate", no_generation)
+        patch.setattr("eval.userdata.load_file_source", no_generation)
+        assert _as_lists(build_task_datasets(config, seed=5, out_dir=out_dir)) == first
+
+    reseeded = _as_lists(build_task_datasets(config, seed=6, out_dir=out_dir))
+    assert reseeded["addition"] != first["addition"]
+    assert json.loads((out_dir / "addition" / FINGERPRINT_FILE).read_text())["seed"] == 6
+
+    # Editing a user file changes its fingerprint even though the config is the same.
+    config.files[0].train_path.write_text(json.dumps({"prompt": "3+3?", "response": "#### 6"}) + "\n")
+    edited = _as_lists(build_task_datasets(config, seed=6, out_dir=out_dir))
+    assert edited["mine"]["train"][0]["answer"] == "6"
+    assert sorted(path.name for path in out_dir.iterdir()) == ["addition", "mine", "sorting"]
+
+
+def test_stale_or_unfinished_directories_are_replaced_or_ignored(tmp_path) -> None:
+    out_dir = tmp_path / "data"
+    (out_dir / "addition").mkdir(parents=True)
+    (out_dir / "addition" / "junk.txt").write_text("half-written")
+    leftover = out_dir / ".sorting.tmp-crashed"
+    leftover.mkdir()
+    (leftover / FINGERPRINT_FILE).write_text(json.dumps({"task": "sorting", "fingerprint": "x"}))
+    config = DataConfig(tasks=[AdditionTask(name="addition", train_size=10, eval_size=2)])
+    build_task_datasets(config, seed=0, out_dir=out_dir)
+    assert not (out_dir / "addition" / "junk.txt").exists()
+    assert list(load_task_datasets(out_dir)) == ["addition"]
+
+
+def test_failed_generation_leaves_nothing_behind(tmp_path) -> None:
+    config = DataConfig(tasks=[AdditionTask(name="addition", train_size=500, eval_size=5, max_digits=1)])
+    with pytest.raises(ValueError, match="too small"):
+        build_task_datasets(config, seed=0, out_dir=tmp_path / "data")
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_load_from_a_missing_directory_is_an_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_task_datasets(tmp_path / "nowhere")
