@@ -108,9 +108,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _quiet_libraries() -> None:
+    # Our own progress display and one-line summaries carry the information; library chatter would bury them.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return COMMANDS[args.verb](args)
     except RecipeError as error:

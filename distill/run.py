@@ -157,9 +157,19 @@ def run(recipe: Recipe) -> dict:
     start = time.perf_counter()
 
     # ---- recipe and data ----------------------------------------------------------------------------------
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        from distill.trainer import init_distributed
+
+        init_distributed()
     if is_main_process():
         write_resolved_recipe(recipe, out_dir)
-    datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+        datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+    if distributed:
+        # Rank 0 generates and writes the data; the others load what it wrote.
+        dist.barrier()
+        if not is_main_process():
+            datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
     stage_seconds["data"] = time.perf_counter() - start
 
     # ---- teacher ------------------------------------------------------------------------------------------
