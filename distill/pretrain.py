@@ -36,13 +36,13 @@ def ar_loss(teacher: Teacher):
     return loss_fn
 
 
-def diffusion_loss(teacher: Teacher, eps: float):
+def diffusion_loss(teacher: Teacher, eps: float, weighting: str):
     def loss_fn(model, batch, generator):
         noisy, masked, t = mask_tokens(
             batch["input_ids"], batch["response_mask"], teacher.mask_token_id, eps, generator
         )
         logits = teacher.with_model(model).forward(noisy, batch["attention_mask"], causal=False)
-        loss = masked_diffusion_loss(logits, batch["input_ids"], masked, t, batch["response_mask"])
+        loss = masked_diffusion_loss(logits, batch["input_ids"], masked, t, batch["response_mask"], weighting)
         return loss, {"masked_fraction": (masked.sum() / batch["response_mask"].sum()).item()}
 
     return loss_fn
@@ -94,9 +94,8 @@ def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -
         teacher.model.config.causal = False
 
     # ---- diffusion phase ----------------------------------------------------------------------------------
-    _train_phase(
-        teacher, recipe, spec.diffusion, "diffusion", diffusion_loss(teacher, spec.mask_eps), examples, out_dir
-    )
+    loss_fn = diffusion_loss(teacher, spec.mask_eps, spec.loss_weighting)
+    _train_phase(teacher, recipe, spec.diffusion, "diffusion", loss_fn, examples, out_dir)
     if _rank() == 0:
         save_teacher(teacher, teacher_dir)
     if dist.is_available() and dist.is_initialized():

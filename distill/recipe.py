@@ -142,6 +142,8 @@ class PretrainConfig(Section):
     - `diffusion`: the diffusion phase (full attention; t ~ U[mask_eps, 1]; each response token masked with
       probability t; CE on masked tokens weighted by 1/t).
     - `mask_eps`: lower bound of t (t near 0 gives a loss weight 1/t that explodes).
+    - `loss_weighting`: `uniform` (mean CE over masked tokens) or `inverse_t` (LLaDA's ELBO weighting 1/t);
+      see `distill.losses.masked_diffusion_loss`.
 
     In both phases each answer is followed by a uniformly random number of pad tokens, so its canvas ends
     anywhere between its EOS and `data.max_response_tokens` (Dimple's fix for length bias).
@@ -151,6 +153,7 @@ class PretrainConfig(Section):
     ar: TrainConfig = TrainConfig(max_steps=200)
     diffusion: TrainConfig = TrainConfig(max_steps=600)
     mask_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    loss_weighting: Literal["uniform", "inverse_t"] = "uniform"
 
 
 class TeacherConfig(Section):
@@ -295,44 +298,251 @@ class DataConfig(Section):
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters that control decoding and evaluation
 
+DECODER_NAMES = ("low_confidence", "confident", "threshold", "multi_block")
+# The setting an evaluation sweep varies for each decoder (its speed/accuracy knob).
+DECODER_KNOBS = {
+    "low_confidence": "steps",
+    "confident": "threshold",
+    "threshold": "threshold",
+    "multi_block": "threshold",
+}
+# What each decoder does when a setting is left null: the values its paper uses.
+_DECODER_DEFAULTS = {
+    "low_confidence": {"cache": "none", "eos_fill": False},
+    "confident": {"threshold": 0.9, "cache": "prompt", "eos_fill": False},
+    "threshold": {"threshold": 0.9, "cache": "blocks", "eos_fill": False},
+    "multi_block": {"threshold": 0.5, "cache": "blocks", "eos_fill": True},
+}
+
 
 class DecoderConfig(Section):
     """Decoder settings (the decoding engine in `distill/decoding.py`).
 
+    Parameters that choose the decoder and its canvas:
     - `name`: `low_confidence` — fixed-step remasking (LLaDA `generate`): per step commit the k most confident
-      masked tokens of the current block.
+      masked tokens of the current block, k from an even split of the block's masks over its steps.
+      `confident` — Dimple's confident decoding: commit every masked token of the current block whose confidence
+      exceeds `threshold`; when none does, fall back to the `low_confidence` schedule (so at least one token is
+      committed, and never more than `steps` forwards in all). `threshold` — Fast-dLLM's threshold parallel
+      decoding: commit every masked token of the current block above `threshold`, and always the most confident
+      one. `multi_block` — d3LLM's entropy multi-block decoding (see the multi-block parameters below).
     - `gen_length`: response canvas in tokens; null uses `data.max_response_tokens`.
-    - `steps`: forward passes in total, split evenly over blocks; null means one token per forward
-      (steps = gen_length).
-    - `block_length`: semi-autoregressive block size; null means one block spanning the canvas.
-    - `remasking`: `low_confidence` (top-1 probability) or `random` (uniformly random among masked positions).
-    - `temperature`: 0 is greedy; > 0 samples with Gumbel noise.
+    - `steps`: forward passes of the fixed schedule, split evenly over blocks; used by `low_confidence` and as
+      `confident`'s fallback schedule; null means one token per forward (steps = gen_length).
+    - `block_length`: semi-autoregressive block size; null means one block spanning the canvas. Positions past the
+      current block (past the last active block for `multi_block`) are never committed.
+
+    Parameters that control which token and which positions are chosen:
+    - `remasking`: for `low_confidence`: `low_confidence` (rank by top-1 probability) or `random` (uniformly
+      random among masked positions).
+    - `temperature`: 0 is greedy; > 0 samples with Gumbel noise at this temperature.
+    - `top_k`: keep only the k most likely tokens before sampling; null keeps all.
+    - `top_p`: keep the smallest set of tokens whose probability reaches p (nucleus); 1.0 keeps all.
+      Confidences are read from the (top-k/top-p filtered) distribution at temperature 1, so a threshold means
+      the same thing at every temperature.
+    - `confidence`: what `confident` and `threshold` compare with `threshold`: `probability` (top-1 probability,
+      Dream's `maskgit_plus`), `margin` (top-1 minus top-2 probability) or `neg_entropy` (sum p log p, <= 0).
+    - `threshold`: `confident`/`threshold`: commit a token whose confidence is strictly above this (in [0, 1] for
+      `probability`/`margin`; <= 0 for `neg_entropy`, which has no default); 1.0 with `probability` commits
+      nothing by threshold, so `confident` reduces to its schedule. `multi_block`: accept a token whose entropy
+      (nats) is at most this (>= 0). Null: the decoder's default (0.9 for `confident`/`threshold`, 0.5 for
+      `multi_block`, d3LLM's LLaDA value); unused by `low_confidence`.
+
+    Parameters of `multi_block` (d3LLM):
+    - `activate_fraction`: a block becomes active (may commit tokens under the entropy threshold) once the
+      previous block is at least this fraction decoded (and active itself); default 0.1.
+    - `full_activate_fraction`: a block becomes fully active once the previous block is at least this fraction
+      decoded; each forward always commits the single lowest-entropy masked token of the fully active blocks
+      (the first unfinished block is always fully active). Default 0.95; must be >= `activate_fraction`.
+    - `eos_fill`: as soon as an EOS is committed, fill every masked position after it with EOS (they can no
+      longer change the answer); null: true for `multi_block`, false otherwise.
+
+    Parameters of the KV cache (Dimple prefilling, Fast-dLLM block cache, d3LLM delayed cache):
+    - `cache`: `none` (every forward encodes prompt + response), `prompt` (the prompt's keys/values are computed
+      once and only the response is re-encoded) or `blocks` (the prompt and every finished leading block are
+      cached; the cache is rebuilt when another block finishes). Exact for a causal model; with bidirectional
+      attention the cached prefix no longer sees the tokens after it (the approximation these papers accept for
+      speed). Null: the decoder's default (`none` for `low_confidence`, `prompt` for `confident`, `blocks` for
+      `threshold` and `multi_block`).
+    - `cache_delay`: forwards a finished block is still re-encoded before it enters the `blocks` cache (its
+      representation settles first, as in d3LLM); 0 caches it at the next forward (Fast-dLLM).
+    - `refresh_every`: every N-th forward of a batch is a full forward without the cache, so that step sees exact
+      logits (d3LLM's periodic refresh); 0 never refreshes.
+
+    Parameters of structure priors (Dimple):
+    - `pins`: `{position: text}`; the text's tokens are committed at that response position before decoding
+      (e.g. `{-8: "#### "}` or a JSON skeleton). A negative position counts from the end of the response
+      (`fixed_length`, else `gen_length`). Pinned tokens are not counted as generated tokens.
+    - `fixed_length`: fix the response length: positions from here on are pinned to EOS before decoding; null
+      leaves the length to the model.
     """
 
-    name: Literal["low_confidence"] = "low_confidence"
+    name: Literal["low_confidence", "confident", "threshold", "multi_block"] = "low_confidence"
     gen_length: PositiveInt | None = None
     steps: PositiveInt | None = None
     block_length: PositiveInt | None = None
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     temperature: Annotated[float, Field(ge=0)] = 0.0
+    top_k: PositiveInt | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    confidence: Literal["probability", "margin", "neg_entropy"] = "probability"
+    threshold: float | None = None
+    activate_fraction: Fraction = 0.1
+    full_activate_fraction: Fraction = 0.95
+    eos_fill: bool | None = None
+    cache: Literal["none", "prompt", "blocks"] | None = None
+    cache_delay: NonNegativeInt = 1
+    refresh_every: NonNegativeInt = 0
+    pins: dict[int, Annotated[str, Field(min_length=1)]] = {}
+    fixed_length: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> DecoderConfig:
+        defaults = _DECODER_DEFAULTS[self.name]
+        if self.cache is None:
+            self.cache = defaults["cache"]
+        if self.eos_fill is None:
+            self.eos_fill = defaults["eos_fill"]
+        if self.threshold is None and "threshold" in defaults:
+            if self.name != "multi_block" and self.confidence == "neg_entropy":
+                raise ValueError("threshold: set it explicitly (a value <= 0) for confidence neg_entropy")
+            self.threshold = defaults["threshold"]
+        if self.threshold is not None and self.name != "low_confidence":
+            if self.name == "multi_block" and self.threshold < 0:
+                raise ValueError(f"threshold: an entropy bound must be >= 0, got {self.threshold}")
+            if self.name != "multi_block" and self.confidence == "neg_entropy" and self.threshold > 0:
+                raise ValueError(f"threshold: a neg_entropy bound must be <= 0, got {self.threshold}")
+            if self.name != "multi_block" and self.confidence != "neg_entropy" and not 0 <= self.threshold <= 1:
+                raise ValueError(f"threshold: a {self.confidence} bound must lie in [0, 1], got {self.threshold}")
+        if self.full_activate_fraction < self.activate_fraction:
+            raise ValueError("full_activate_fraction must be >= activate_fraction")
+        return self
+
+    def check_lengths(self, gen_length: int) -> None:
+        """Reject settings whose block/step split or structure prior does not fit `gen_length` (ValueError)."""
+        block_length = self.block_length or gen_length
+        steps = self.steps or gen_length
+        if gen_length % block_length:
+            raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+        blocks = gen_length // block_length
+        if steps % blocks:
+            raise ValueError(f"steps {steps} is not a multiple of the number of blocks {blocks}")
+        if steps > gen_length:
+            raise ValueError(f"steps {steps} exceeds gen_length {gen_length}")
+        if self.fixed_length is not None and self.fixed_length > gen_length:
+            raise ValueError(f"fixed_length {self.fixed_length} exceeds gen_length {gen_length}")
+        length = self.fixed_length or gen_length
+        for position in self.pins:
+            if not -length <= position < length:
+                raise ValueError(f"pins: position {position} is outside a response of {length} tokens")
+
+
+class EvalDecoderConfig(DecoderConfig):
+    """A decoder of the evaluation report, plus the sweep of its knob (all `DecoderConfig` fields apply).
+
+    - `label`: the decoder's name in the report; null uses `name` (set it to tell two settings of one decoder
+      apart, e.g. `confident-nocache`).
+    - `sweep`: values of the decoder's knob, one report point each: `steps` for `low_confidence` (whole numbers),
+      `threshold` for `confident`, `threshold` and `multi_block`. Empty: one point at the settings given.
+    """
+
+    label: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] | None = None
+    sweep: list[float] = []
+
+    @model_validator(mode="after")
+    def _sweep_values_valid(self) -> EvalDecoderConfig:
+        for value in self.sweep:
+            try:
+                self._setting(value)
+            except (ValidationError, ValueError) as error:
+                detail = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+                raise ValueError(f"sweep value {value}: {detail}") from None
+        if len(set(self.sweep)) != len(self.sweep):
+            raise ValueError("sweep values must be distinct")
+        return self
+
+    @property
+    def report_name(self) -> str:
+        return self.label or self.name
+
+    @property
+    def knob(self) -> str:
+        return DECODER_KNOBS[self.name]
+
+    def _setting(self, value: float) -> DecoderConfig:
+        if self.knob == "steps":
+            if not float(value).is_integer():
+                raise ValueError("steps must be a whole number")
+            value = int(value)
+        fields = self.model_dump(exclude={"label", "sweep"}) | {self.knob: value}
+        return DecoderConfig.model_validate(fields)
+
+    def settings(self) -> list[tuple[float | int | None, DecoderConfig]]:
+        """`(knob value, decoder settings)` for each point of the sweep (one point when `sweep` is empty)."""
+        if not self.sweep:
+            base = DecoderConfig.model_validate(self.model_dump(exclude={"label", "sweep"}))
+            return [(getattr(base, self.knob), base)]
+        settings = [self._setting(value) for value in self.sweep]
+        return [(getattr(setting, self.knob), setting) for setting in settings]
+
+
+class CheckpointRow(Section):
+    """A model checkpoint evaluated as its own report row.
+
+    - `name`: the row's name in the report.
+    - `path`: checkpoint directory (`config.json` + weights). Checked when the evaluation starts, so a recipe may
+      name checkpoints that an earlier run produces.
+    - `autoregressive`: decode it left to right, one token per forward (the AR-baseline rule) instead of with
+      the eval decoders; set it for checkpoints trained with causal attention.
+    """
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
+    path: Path
+    autoregressive: bool = False
+
+
+EVAL_ROWS = ("teacher", "ar-baseline", "student")
 
 
 class EvalConfig(Section):
-    """Evaluation of teacher / AR baseline / checkpoints on the eval splits.
+    """Evaluation of teacher / AR baseline / students / checkpoints on the eval splits, and the AUP report.
 
     - `tasks`: task names to evaluate; null means every task in `data`.
-    - `rows`: which models to evaluate: `teacher` and/or `ar-baseline` (the AR-phase checkpoint, decoded
-      left to right with causal attention and one token per forward).
-    - `decoder`: decoder for diffusion rows.
-    - `batch_size`: prompts decoded together.
+    - `rows`: this run's own models to evaluate: `teacher`, `ar-baseline` (the AR-phase checkpoint, decoded
+      left to right with causal attention and one token per forward) and/or `student` (`<run.output_dir>/student`).
+    - `checkpoints`: more rows, each a checkpoint directory (see `CheckpointRow`).
+    - `decoder`: the first decoder of the report (see `EvalDecoderConfig`: a decoder plus its knob `sweep`).
+    - `decoders`: more decoders; every non-autoregressive row is decoded with each of them.
+    - `batch_size`: prompts decoded together (recorded in the report; tokens/s depends on it).
     - `max_samples`: cap on eval samples per task (null: the whole split).
+    - `alpha`: AUP's α in W(y) = min(exp(-α (1 - y / y_max)), 1), the penalty on accuracy below the best row's.
     """
 
     tasks: list[str] | None = None
-    rows: Annotated[list[Literal["teacher", "ar-baseline"]], Field(min_length=1)] = ["teacher"]
-    decoder: DecoderConfig = DecoderConfig()
+    rows: list[Literal["teacher", "ar-baseline", "student"]] = ["teacher"]
+    checkpoints: list[CheckpointRow] = []
+    decoder: EvalDecoderConfig = EvalDecoderConfig()
+    decoders: list[EvalDecoderConfig] = []
     batch_size: PositiveInt = 100
     max_samples: PositiveInt | None = None
+    alpha: PositiveFloat = 3.0
+
+    @model_validator(mode="after")
+    def _rows_and_decoders_unique(self) -> EvalConfig:
+        names = list(self.rows) + [checkpoint.name for checkpoint in self.checkpoints]
+        if not names:
+            raise ValueError("give at least one entry in rows or checkpoints")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"row names must be unique, repeated: {', '.join(repeated)}")
+        labels = [decoder.report_name for decoder in self.all_decoders()]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"decoder labels must be unique (set `label`), repeated: {', '.join(repeated)}")
+        return self
+
+    def all_decoders(self) -> list[EvalDecoderConfig]:
+        return [self.decoder, *self.decoders]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,6 +612,20 @@ class Recipe(Section):
         for name in self.eval.tasks or []:
             if name not in known:
                 raise ValueError(f"eval.tasks names '{name}', which is not in data (have: {', '.join(known)})")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_decoders_fit(self) -> Recipe:
+        # The canvas is only known here (data.max_response_tokens), so block/step splits are checked at this level.
+        for index, decoder in enumerate(self.eval.all_decoders()):
+            where = "eval.decoder" if index == 0 else f"eval.decoders.{index - 1}"
+            gen_length = decoder.gen_length or self.data.max_response_tokens
+            for value, setting in decoder.settings():
+                try:
+                    setting.check_lengths(gen_length)
+                except ValueError as error:
+                    at = f" (sweep value {value})" if decoder.sweep else ""
+                    raise ValueError(f"{where}: {error}{at}") from None
         return self
 
     def section_hash(self, *sections: str) -> str:

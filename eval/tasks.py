@@ -7,11 +7,15 @@ produce, always ending in `#### <answer>`) and `answer` (the final answer string
 Response formats are deliberately short, because a tiny character-level model trains on them on CPU (with the
 default task configs every response is at most 31 characters, so response + EOS fits a 32-token canvas):
 
-- `addition`: prompt `347+285=`, response `C:0110 #### 632`. The scratchpad after `C:` is the carry *into* each
-  column of the sum, most significant column first, with n + 1 columns for n = the longer operand's digit count
-  (for 347+285 the carries into the ones, tens, hundreds and thousands columns are 0, 1, 1, 0). Then ` #### ` and
-  the sum without leading zeros. More: `5+7=` -> `C:10 #### 12`, `99+1=` -> `C:110 #### 100`, `0+0=` ->
-  `C:00 #### 0`. Each operand's digit count is uniform in min_digits..max_digits; no leading zeros (0 is `0`).
+- `addition`: prompt `347+285=`, response `C:0110 #### 0632`, answer `632`. Everything is fixed-width so that
+  every column sits at a fixed offset (a tiny model then learns the digit alignment quickly instead of having to
+  count): operands are written with leading zeros to the task's `max_digits` (`5+7=` is `005+007=` when
+  max_digits is 3) and the sum to max_digits + 1 digits (scoring ignores leading zeros, see `extract_answer`).
+  The scratchpad after `C:` is the carry *into* each column of the sum, ones column first, for max_digits + 1
+  columns (for 347+285 the carries into the ones, tens, hundreds and thousands columns are 0, 1, 1, 0); written
+  in that order, each carry follows from the digits and the carry before it. More, with max_digits 3:
+  `005+007=` -> `C:0100 #### 0012`, `099+001=` -> `C:0110 #### 0100`, `000+000=` -> `C:0000 #### 0000`.
+  Each operand's digit count is uniform in min_digits..max_digits (its value has no leading zeros, 0 is `0`).
 - `word_problems`: prompt `Ann has 5 apples. She buys 3 more. She gives away 2. How many apples does Ann have?`,
   response `5+3=8 8-2=6 #### 6`: one `a op b=c` equation per step (`+`, `-`, `*`), space separated. The start is in
   1..max_value and the count stays within 0..max_value throughout; each add/subtract amount is at most
@@ -56,7 +60,7 @@ SPLITS = ("train", "eval")
 ANSWER_MARKER = "####"
 FINGERPRINT_FILE = "fewstep_data.json"
 # Bump when a generator or the record schema changes, so datasets cached on disk are rebuilt rather than reused.
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 3
 
 # One draw in ten lands in eval, so filling eval needs ~10x its size in draws; the slack on top lets a small but
 # sufficient problem space be collected completely (coupon collector) before we declare it too small.
@@ -73,14 +77,16 @@ def _normalise(text: str) -> str:
     text = " ".join(text.split())
     if text.endswith("."):
         text = text[:-1].rstrip()
-    return text
+    # Leading zeros of a whole number carry no value (`0632` is 632); a lone 0 and decimals like 0.5 are kept.
+    return re.sub(r"(?<![\w.])0+(?=\d)", "", text)
 
 
 def extract_answer(text: str) -> str | None:
     """The normalised text after the last `####`, or None when there is no marker.
 
     Normalising strips the ends, removes thousands separators (`1,234` -> `1234`), collapses runs of whitespace to
-    one space and drops one trailing period, so `#### 1,234.` and `####1234` both give `1234`.
+    one space, drops one trailing period and strips leading zeros of numbers, so `#### 1,234.`, `####1234` and
+    `#### 01234` all give `1234`.
     """
     head, marker, tail = text.rpartition(ANSWER_MARKER)
     if not marker:
@@ -137,22 +143,22 @@ def _draw_operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
     return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
-def addition_example(a: int, b: int) -> tuple[str, str, str]:
-    """The prompt, response and answer of `a+b=` in the carry-scratchpad format of the module docstring."""
-    width = max(len(str(a)), len(str(b)))
+def addition_example(a: int, b: int, width: int) -> tuple[str, str, str]:
+    """The prompt, response and answer of `a+b=` with `width`-digit operands, in the module docstring's format."""
+    if a < 0 or b < 0 or max(len(str(a)), len(str(b))) > width:
+        raise ValueError(f"addition: operands {a} and {b} do not fit {width} digits")
     carries = [0]  # nothing carries into the ones column
     for column in range(width):
         column_sum = (a // 10**column) % 10 + (b // 10**column) % 10 + carries[-1]
         carries.append(column_sum // 10)
-    scratchpad = "".join(str(carry) for carry in reversed(carries))
-    total = str(a + b)
-    return f"{a}+{b}=", f"C:{scratchpad} {ANSWER_MARKER} {total}", total
+    scratchpad = "".join(str(carry) for carry in carries)
+    return f"{a:0{width}d}+{b:0{width}d}=", f"C:{scratchpad} {ANSWER_MARKER} {a + b:0{width + 1}d}", str(a + b)
 
 
 def _draw_addition(config: AdditionTask, rng: random.Random) -> tuple[str, str, str]:
     a = _draw_operand(rng, config.min_digits, config.max_digits)
     b = _draw_operand(rng, config.min_digits, config.max_digits)
-    return addition_example(a, b)
+    return addition_example(a, b, config.max_digits)
 
 
 _PEOPLE = (

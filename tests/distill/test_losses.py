@@ -47,3 +47,14 @@ def test_mask_tokens_masks_only_response_at_rate_t():
     assert torch.allclose(rates, t, atol=0.05)
     again = mask_tokens(ids, response, 0, 0.1, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], noisy)
+
+
+def test_uniform_weighting_is_mean_ce_over_masked_tokens():
+    torch.manual_seed(2)
+    logits, targets = torch.randn(2, 4, 5), torch.randint(0, 5, (2, 4))
+    masked = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    response = torch.ones(2, 4, dtype=torch.long)
+    ce = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    expected = ((ce[0, 0] + ce[0, 1]) / 2 + ce[1, 3]) / 2
+    got = masked_diffusion_loss(logits, targets, masked, torch.tensor([0.3, 0.9]), response, "uniform")
+    assert math.isclose(got.item(), expected.item(), rel_tol=1e-6)

@@ -26,18 +26,17 @@ def _is_eval_prompt(prompt: str) -> bool:
     return int(hashlib.sha1(prompt.encode()).hexdigest(), 16) % 10 == 0
 
 
-def _carries(a: int, b: int) -> str:
-    # A carry reaches column i exactly when the low i digits of a and b overflow 10**i.
-    columns = max(len(str(a)), len(str(b))) + 1
-    modulus = [10**i for i in range(columns)]
-    return "".join(str(int(a % modulus[i] + b % modulus[i] >= modulus[i])) for i in reversed(range(columns)))
+def _carries(a: int, b: int, width: int) -> str:
+    # A carry reaches column i exactly when the low i digits of a and b overflow 10**i; ones column first.
+    modulus = [10**i for i in range(width + 1)]
+    return "".join(str(int(a % modulus[i] + b % modulus[i] >= modulus[i])) for i in range(width + 1))
 
 
 def _check_common(record: dict, task: str) -> None:
     assert tuple(record) == COLUMNS
     assert record["task"] == task
     assert record["id"] == f"{task}-{hashlib.sha1(record['prompt'].encode()).hexdigest()[:12]}"
-    assert record["response"].endswith(f"#### {record['answer']}")
+    assert re.fullmatch(r".*#### \S+( \S+)*", record["response"])
     assert extract_answer(record["response"]) == record["answer"]
     assert is_correct(record["response"], record["answer"])
 
@@ -47,20 +46,29 @@ def _check_common(record: dict, task: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("a", "b", "response"),
+    ("a", "b", "width", "prompt", "response", "answer"),
     [
-        (347, 285, "C:0110 #### 632"),
-        (5, 7, "C:10 #### 12"),
-        (99, 1, "C:110 #### 100"),
-        (0, 0, "C:00 #### 0"),
-        (57, 68, "C:110 #### 125"),
-        (999, 999, "C:1110 #### 1998"),
-        (1, 999, "C:1110 #### 1000"),
-        (120, 3, "C:0000 #### 123"),
+        (347, 285, 3, "347+285=", "C:0110 #### 0632", "632"),
+        (5, 7, 1, "5+7=", "C:01 #### 12", "12"),
+        (5, 7, 3, "005+007=", "C:0100 #### 0012", "12"),
+        (99, 1, 2, "99+01=", "C:011 #### 100", "100"),
+        (99, 1, 3, "099+001=", "C:0110 #### 0100", "100"),
+        (0, 0, 3, "000+000=", "C:0000 #### 0000", "0"),
+        (57, 68, 2, "57+68=", "C:011 #### 125", "125"),
+        (999, 999, 3, "999+999=", "C:0111 #### 1998", "1998"),
+        (1, 999, 3, "001+999=", "C:0111 #### 1000", "1000"),
+        (120, 3, 3, "120+003=", "C:0000 #### 0123", "123"),
+        (4567, 5433, 4, "4567+5433=", "C:01111 #### 10000", "10000"),
     ],
 )
-def test_addition_format_on_hand_examples(a: int, b: int, response: str) -> None:
-    assert addition_example(a, b) == (f"{a}+{b}=", response, response.split("#### ")[1])
+def test_addition_format_on_hand_examples(a: int, b: int, width: int, prompt: str, response: str, answer: str) -> None:
+    assert addition_example(a, b, width) == (prompt, response, answer)
+    assert is_correct(response, answer)
+
+
+def test_addition_operand_wider_than_width_is_rejected() -> None:
+    with pytest.raises(ValueError, match="do not fit 2 digits"):
+        addition_example(100, 5, 2)
 
 
 def test_word_problem_and_sorting_formats() -> None:
@@ -82,11 +90,11 @@ def test_addition_records_are_correct() -> None:
     digit_counts = set()
     for record in records:
         _check_common(record, "addition")
-        left, right = re.fullmatch(r"(0|[1-9]\d*)\+(0|[1-9]\d*)=", record["prompt"]).groups()
-        digit_counts.update((len(left), len(right)))
+        left, right = re.fullmatch(r"(\d{4})\+(\d{4})=", record["prompt"]).groups()
         a, b = int(left), int(right)
+        digit_counts.update((len(str(a)), len(str(b))))
         assert record["answer"] == str(a + b)
-        assert record["response"] == f"C:{_carries(a, b)} #### {a + b}"
+        assert record["response"] == f"C:{_carries(a, b, 4)} #### {a + b:05d}"
     assert digit_counts == {1, 2, 3, 4}
 
 
@@ -224,6 +232,12 @@ def test_unknown_split_is_an_error() -> None:
         ("#### 1  3\t5\n9", "1 3 5 9"),
         ("#### 7 .", "7"),
         ("#### 7..", "7."),
+        ("#### 0632", "632"),
+        ("#### 0000", "0"),
+        ("#### 0", "0"),
+        ("#### 0.5", "0.5"),
+        ("#### 100 0 05", "100 0 5"),
+        ("#### x007", "x007"),
     ],
 )
 def test_extract_answer(text: str, expected: str | None) -> None:
@@ -237,7 +251,10 @@ def test_extract_answer(text: str, expected: str | None) -> None:
         ("#### 1,000.", "1000", True),
         ("#### 1 3  5", " 1 3 5 ", True),
         ("632", "632", False),
-        ("#### 632", "0632", False),
+        ("#### 0632", "632", True),
+        ("#### 632", "0632", True),
+        ("#### 0 1 3", "0 1 3", True),
+        ("#### 0.50", "0.5", False),
         ("#### 63", "632", False),
         ("#### 632 apples", "632", False),
         ("####", "", False),

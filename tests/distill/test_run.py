@@ -1,0 +1,82 @@
+"""End to end: `distill run` and `distill eval` on a tiny teacher for a few steps (real DeepSpeed, datasets, wandb)."""
+
+import json
+
+import yaml
+from datasets import load_from_disk
+from transformers import AutoConfig, AutoModel
+
+from distill.cli import main
+
+TINY = [
+    "teacher.pretrain.model.hidden_size=32",
+    "teacher.pretrain.model.intermediate_size=64",
+    "teacher.pretrain.model.num_hidden_layers=1",
+    "teacher.pretrain.model.num_attention_heads=2",
+    "teacher.pretrain.model.num_key_value_heads=1",
+    "teacher.pretrain.ar.max_steps=2",
+    "teacher.pretrain.ar.micro_batch_size=4",
+    "teacher.pretrain.diffusion.max_steps=2",
+    "teacher.pretrain.diffusion.micro_batch_size=4",
+    "data.tasks.0.train_size=40",
+    "data.tasks.0.eval_size=6",
+    "eval.batch_size=4",
+    "logging.progress=false",
+]
+
+
+def run_tiny(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = ["run", "recipes/teacher-tiny.yaml", f"run.output_dir={out}", f"run.cache_dir={tmp_path / 'cache'}"]
+    assert main(args + TINY + list(extra)) == 0
+    return out
+
+
+def test_run_writes_every_artifact_and_reuses_the_cached_teacher(tmp_path, capsys):
+    out = run_tiny(tmp_path, "first")
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["teacher"]["pretrain"]["ar"]["max_steps"] == 2 and resolved["run"]["output_dir"] == str(out)
+    assert len(load_from_disk(str(out / "data" / "addition"))["train"]) == 40
+
+    assert AutoConfig.from_pretrained(out / "ar-baseline").causal is True
+    assert AutoConfig.from_pretrained(out / "teacher").causal is False
+    AutoModel.from_pretrained(out / "teacher")
+    for phase in ("ar", "diffusion"):
+        lines = (out / f"pretrain-{phase}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines][-1] == 2
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stage_seconds"]) == {"data", "teacher", "eval"}
+    rows = {(result["row"], result["task"]) for result in summary["results"]}
+    assert rows == {("teacher", "addition"), ("ar-baseline", "addition")}
+    for result in summary["results"]:
+        assert 0 <= result["accuracy"] <= 100 and result["nfe"] > 0 and result["tpf"] > 0
+    logs = (out / "eval" / "teacher" / "addition.jsonl").read_text().splitlines()
+    assert len(logs) == 6 and set(json.loads(logs[0])) >= {"prompt", "output", "answer", "correct", "nfe"}
+    capsys.readouterr()
+
+    # Same teacher + data + seed in another output dir: copied from the cache, no training phase runs.
+    second = run_tiny(tmp_path, "second")
+    assert "reusing cached teacher" in capsys.readouterr().out
+    assert not (second / "pretrain-ar").exists()
+    assert json.loads((second / "pretrain.json").read_text())["key"] == json.loads(
+        (out / "pretrain.json").read_text()
+    )["key"]
+
+    # A different data section is a different teacher: it trains.
+    third = run_tiny(tmp_path, "third", "data.tasks.0.max_digits=2")
+    assert (third / "pretrain-ar").exists()
+
+    # `distill eval` on a checkpoint prints accuracy, NFE and TPF per task.
+    capsys.readouterr()
+    code = main(
+        ["eval", "recipes/teacher-tiny.yaml", f"run.output_dir={out}", "--checkpoint", str(out / "teacher"), *TINY]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "accuracy" in printed and "NFE" in printed and "TPF" in printed
+
+
+def test_eval_rejects_a_missing_checkpoint(tmp_path, capsys):
+    code = main(["eval", "recipes/teacher-tiny.yaml", "--checkpoint", str(tmp_path / "nothing"), *TINY])
+    assert code == 1
+    assert "not a model directory" in capsys.readouterr().err
