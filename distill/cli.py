@@ -1,8 +1,14 @@
-"""The `distill` command line: `run`, `validate` and `eval`, each taking a recipe plus dotted overrides.
+"""The `distill` command line: `run`, `trajectories`, `validate`, `eval` and `bench decode` take a recipe plus dotted
+overrides; `report` re-renders or merges finished reports.
 
     distill run recipes/teacher-tiny.yaml train.lr=3e-4 run.output_dir=runs/x
     distill validate recipes/teacher-tiny.yaml
+    distill eval recipes/eval-tiny.yaml eval.max_samples=50           # -> <run.output_dir>/eval/report.*
     distill eval recipes/teacher-tiny.yaml --checkpoint runs/teacher-tiny/teacher --task addition
+    distill report runs/a runs/b --out runs/compare                    # merge two runs' reports, no decoding
+    distill bench decode recipes/eval-tiny.yaml --samples 32 --repeats 5   # decoders with and without cache
+    distill trajectories recipes/teacher-tiny.yaml teacher.path=runs/teacher-tiny/teacher trajectories.block_length=8
+    torchrun --nproc_per_node 2 -m distill.cli trajectories RECIPE [overrides]   # shards split over ranks
 
 A malformed recipe or override exits with code 2 and one line naming the dotted path, before anything is
 written. Other expected failures (missing checkpoint, bad data file) exit with code 1 and one line.
@@ -43,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run a recipe's stages end to end", description="Run a recipe end to end.")
     _add_recipe_arguments(run)
 
+    trajectories = verbs.add_parser(
+        "trajectories",
+        help="decode the training prompts with the teacher and record its unmasking order",
+        description=(
+            "Decode every training prompt with the teacher, one token per forward, and write the pseudo-trajectory "
+            "set to <run.output_dir>/trajectories/ (resumable; sharded over ranks under torchrun)."
+        ),
+    )
+    _add_recipe_arguments(trajectories)
+
     validate = verbs.add_parser(
         "validate",
         help="check a recipe and print it fully resolved",
@@ -52,16 +68,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = verbs.add_parser(
         "eval",
-        help="decode an eval split with a checkpoint and print accuracy, NFE and TPF",
-        description="Evaluate a checkpoint on the recipe's eval tasks with the recipe's decoder.",
+        help="sweep the eval decoders over every row and write the AUP report",
+        description=(
+            "Decode the recipe's eval tasks with every row (eval.rows, eval.checkpoints) and every eval decoder, "
+            "sweeping each decoder's knob; write report.json/.md/.html and per-sample logs to "
+            "<run.output_dir>/eval/."
+        ),
     )
     _add_recipe_arguments(evaluate)
     evaluate.add_argument(
-        "--checkpoint", type=Path, help="model directory (default: <run.output_dir>/teacher)", default=None
+        "--checkpoint", type=Path, default=None, help="evaluate only this model directory instead of the recipe's rows"
     )
     evaluate.add_argument("--task", action="append", help="task to evaluate (repeatable; default: eval.tasks)")
-    evaluate.add_argument("--row", default=None, help="row name in the output (default: the checkpoint's name)")
+    evaluate.add_argument(
+        "--row", default=None, help="row name of --checkpoint (default: its directory name; ar-baseline decodes AR)"
+    )
+
+    report = verbs.add_parser(
+        "report",
+        help="re-render or merge evaluation reports without decoding",
+        description=(
+            "Read report.json from each RUN_DIR (or RUN_DIR/eval), rescore AUP against the best accuracy over all "
+            "rows, and write report.json/.md/.html. One RUN_DIR without --out is re-rendered in place."
+        ),
+    )
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory or report.json")
+    report.add_argument("--out", type=Path, default=None, help="output directory (required for several RUN_DIRs)")
+
+    bench = verbs.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    benches = bench.add_subparsers(dest="bench", required=True, parser_class=ArgumentParser)
+    decode = benches.add_parser(
+        "decode",
+        help="time the eval decoders with and without KV cache on the same prompts",
+        description=(
+            "Time each eval decoder (first knob value) with cache none, prompt and blocks on the same eval "
+            "prompts; write the medians, speedups and output agreement as JSON."
+        ),
+    )
+    _add_recipe_arguments(decode)
+    decode.add_argument(
+        "--checkpoint", type=Path, default=None, help="model directory (default: teacher.path or <output_dir>/teacher)"
+    )
+    decode.add_argument("--task", default=None, help="task whose eval prompts are used (default: the first eval task)")
+    decode.add_argument("--samples", type=_positive_int, default=32, help="prompts decoded (default 32)")
+    decode.add_argument("--repeats", type=_at_least_five, default=5, help="timed runs per setting, >= 5 (default 5)")
+    decode.add_argument("--out", type=Path, default=None, help="JSON file (default <output_dir>/bench/decode.json)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _at_least_five(text: str) -> int:
+    value = int(text)
+    if value < 5:
+        raise argparse.ArgumentTypeError(f"a median needs at least 5 runs, got {value}")
+    return value
 
 
 def _load(args: argparse.Namespace) -> Recipe:
@@ -85,27 +151,93 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_trajectories(args: argparse.Namespace) -> int:
     recipe = _load(args)
-    out_dir = Path(recipe.run.output_dir)
-    checkpoint = args.checkpoint or out_dir / "teacher"
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a model directory (no config.json)")
-    for task in args.task or []:
-        if task not in recipe.data.task_names():
-            raise RecipeError(f"--task: '{task}' is not in data (have: {', '.join(recipe.data.task_names())})")
-    from distill.run import evaluate_rows
-    from eval.tasks import build_task_datasets
+    try:
+        recipe.trajectories.check_canvas(recipe.data.max_response_tokens)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    from distill.trajectories import trajectories_command
 
-    if args.task:
-        recipe.eval.tasks = args.task
-    datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
-    row = args.row or checkpoint.name
-    evaluate_rows(recipe, datasets, {row: checkpoint}, out_dir / f"eval-{row}")
+    trajectories_command(recipe)
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval}
+def _check_tasks(recipe: Recipe, tasks: list[str]) -> None:
+    for task in tasks:
+        if task not in recipe.data.task_names():
+            raise RecipeError(f"--task: '{task}' is not in data (have: {', '.join(recipe.data.task_names())})")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    _check_tasks(recipe, args.task or [])
+    from distill.run import eval_rows, evaluate_rows
+    from eval.tasks import build_task_datasets
+
+    out_dir = Path(recipe.run.output_dir)
+    if args.checkpoint is not None:
+        if not (args.checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"--checkpoint: {args.checkpoint} is not a model directory (no config.json)")
+        rows = {args.row or args.checkpoint.name: args.checkpoint}
+    else:
+        rows = eval_rows(recipe, {})
+    if args.task:
+        recipe.eval.tasks = args.task
+    datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+    evaluate_rows(recipe, datasets, rows, out_dir / "eval")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from eval.report import load_report, merge_reports, score_report, write_report
+
+    if len(args.run_dirs) > 1 and args.out is None:
+        print("distill: error: --out is required when merging several reports", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    reports = [load_report(path) for path in args.run_dirs]
+    out_dir = args.out or Path(reports[0]["_dir"])
+    in_place = len(reports) == 1 and out_dir.resolve() == Path(reports[0]["_dir"]).resolve()
+    # Merging also makes the per-sample log paths absolute, which a report written elsewhere needs.
+    report = score_report(reports[0]) if in_place else merge_reports(reports)
+    write_report(report, out_dir)
+    for entry in report["tasks"]:
+        for row in entry["rows"]:
+            aup = "n/a" if row["aup"] is None else f"{row['aup']:.2f}"
+            print(f"[report] {entry['task']:14s} {row['name']:20s} {row['decoder']:16s} AUP {aup}")
+    print(f"[report] written to {out_dir}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    if args.task is not None:
+        _check_tasks(recipe, [args.task])
+    from eval.bench import run_decode_bench
+
+    out_dir = Path(recipe.run.output_dir)
+    checkpoint = args.checkpoint or recipe.teacher.path or out_dir / "teacher"
+    if not (Path(checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a model directory (no config.json)")
+    run_decode_bench(
+        recipe,
+        Path(checkpoint),
+        task=args.task,
+        samples=args.samples,
+        repeats=args.repeats,
+        out_path=args.out or out_dir / "bench" / "decode.json",
+    )
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "trajectories": cmd_trajectories,
+    "validate": cmd_validate,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "bench": cmd_bench,
+}
 
 
 def _quiet_libraries() -> None:
@@ -118,8 +250,22 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; overrides may also follow a flag (`eval r.yaml --checkpoint d key=value`)."""
+    parser = build_parser()
+    # argparse stops filling a nargs="*" positional at the first flag; words left over after it that are not
+    # flags are more overrides of the same command.
+    args, leftover = parser.parse_known_args(argv)
+    stray = [word for word in leftover if word.startswith("-") and not word.startswith("~")]
+    if stray or (leftover and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or leftover)}")
+    if leftover:
+        args.overrides = [*args.overrides, *leftover]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _quiet_libraries()
     try:
         return COMMANDS[args.verb](args)

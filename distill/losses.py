@@ -68,3 +68,72 @@ def masked_diffusion_loss(
     else:
         raise ValueError(f"unknown loss weighting '{weighting}' (inverse_t or uniform)")
     return per_sample.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDTT divergences (Deschenaux & Gulcehre): student distribution p_s = softmax(student logits) against a teacher
+# target given as log-probabilities log p_t. Each returns the per-position divergence `[...]` for inputs
+# `[..., V]`; `distill.sdtt.sdtt_loss` averages it over the masked positions. Teacher log-probs must be finite
+# wherever the student has mass (the targets of `distill.sdtt.sdtt_targets` are finite everywhere).
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Reverse KL, `KL(p_s || p_t) = sum_v p_s(v) (log p_s(v) - log p_t(v))`; `[..., V], [..., V] -> [...]`.
+
+    Mode-seeking: the student is penalised for mass where the teacher has little. SDTT's best divergence as the
+    number of sampling steps drops.
+    """
+    student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
+    return (student_log_probs.exp() * (student_log_probs - teacher_log_probs.float())).sum(-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Forward KL, `KL(p_t || p_s) = sum_v p_t(v) (log p_t(v) - log p_s(v))`; `[..., V], [..., V] -> [...]`.
+
+    Mass-covering. Tokens the teacher gives probability 0 (log-prob -inf) contribute 0 (0 log 0 = 0).
+    """
+    student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
+    teacher_log_probs = teacher_log_probs.float()
+    teacher_probs = teacher_log_probs.exp()
+    terms = teacher_probs * (teacher_log_probs - student_log_probs)
+    return torch.where(teacher_probs > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def log_prob_mse(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of log-probabilities, `(1/V) sum_v (log p_s(v) - log p_t(v))^2`; `[..., V] -> [...]`."""
+    student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
+    return (student_log_probs - teacher_log_probs.float()).pow(2).mean(-1)
+
+
+def total_variation(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Total variation distance of the probabilities, `(1/2) sum_v |p_s(v) - p_t(v)|` in [0, 1]; `[..., V] -> [...]`.
+
+    Computed on probabilities, not logits or log-probs (SDTT's TVD is a distance between distributions).
+    """
+    student_probs = torch.softmax(student_logits.float(), dim=-1)
+    return 0.5 * (student_probs - teacher_log_probs.float().exp()).abs().sum(-1)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean CE over masked positions of the whole batch (d3LLM's pseudo-trajectory and complementary CE).
+
+    `logits [B, T, V]`, `targets [B, T]`, `masked [B, T]`; 0 when nothing is masked.
+    """
+    masked = masked.bool()
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return (per_token * masked).sum() / masked.sum().clamp(min=1)
+
+
+def certainty_forcing_loss(
+    logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, temperature: float = 0.5
+) -> torch.Tensor:
+    """Certainty forcing (dParallel): mean entropy of softmax(logits / T) on masked positions already correct.
+
+    `H_i = -sum_v p_iv log p_iv` with `p_i = softmax(z_i / T)`, averaged over masked positions whose argmax equals
+    the target. Minimising it sharpens predictions the student already gets right, so more of them pass a
+    confidence threshold in the same forward; wrong positions are left to the CE terms. T = 0.5 by default.
+    """
+    correct = masked.bool() & (logits.argmax(-1) == targets)
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return (entropy * correct).sum() / correct.sum().clamp(min=1)

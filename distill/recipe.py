@@ -4,7 +4,8 @@ A recipe is a YAML file whose sections mirror the pipeline (run, teacher, data, 
 distill, train, eval, export, logging). Each field's docstring is its documentation. `load_recipe` applies dotted
 command-line overrides (`train.lr=3e-4`, `data.sources.0.train_size=500`, `~eval.max_samples`) to the raw YAML,
 then validates the whole tree before any work starts; unknown keys, wrong types and out-of-range values raise
-`RecipeError` with the dotted path of the offending field.
+`RecipeError` with the dotted path of the offending field. The module is long on purpose: it is the one place
+every option of the toolkit is declared and documented.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class RunConfig(Section):
     - `name`: run name, used for the output directory and the wandb run.
     - `output_dir`: where everything the run writes goes; default `runs/<name>`.
     - `seed`: seeds data generation, initialisation, masking and sampling.
-    - `stages`: pipeline stages in order: `teacher` (pretrain or load the teacher), `eval` (decode the eval
-      split and score it).
+    - `stages`: pipeline stages in order: `teacher` (pretrain or load the teacher), `trajectories` (the teacher
+      decodes the training prompts one token per forward and records the order; see `TrajectoriesConfig`),
+      `eval` (decode the eval split and score it).
     - `cache_dir`: where pretrained teachers are cached by the hash of their recipe sections so a later run with
       the same teacher + data reuses them; null disables the cache.
     """
@@ -57,7 +59,7 @@ class RunConfig(Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] = "run"
     output_dir: Path | None = None
     seed: NonNegativeInt = 0
-    stages: Annotated[list[Literal["teacher", "eval"]], Field(min_length=1)] = ["teacher", "eval"]
+    stages: Annotated[list[Literal["teacher", "trajectories", "eval"]], Field(min_length=1)] = ["teacher", "eval"]
     cache_dir: Path | None = None
 
     @model_validator(mode="after")
@@ -163,7 +165,9 @@ class TeacherConfig(Section):
       (shifted logits, mask id 151666) or `llada` (unshifted, mask id 126336).
     - `path`: a saved checkpoint directory (local). Null with `name: tiny` means pretrain one (see `pretrain`).
     - `dtype`: weights dtype for inference: `fp32` or `bf16`.
-    - `pretrain`: how to pretrain the tiny teacher when `path` is null.
+    - `pretrain`: how to pretrain the tiny teacher when `path` is null. When both are set, `path` wins and
+      `pretrain` is ignored, so a pretraining recipe is pointed at an existing checkpoint with one override
+      (`teacher.path=runs/teacher-tiny/teacher`).
     """
 
     name: Literal["tiny", "dimple", "dream", "llada"] = "tiny"
@@ -360,10 +364,12 @@ class DecoderConfig(Section):
     Parameters of the KV cache (Dimple prefilling, Fast-dLLM block cache, d3LLM delayed cache):
     - `cache`: `none` (every forward encodes prompt + response), `prompt` (the prompt's keys/values are computed
       once and only the response is re-encoded) or `blocks` (the prompt and every finished leading block are
-      cached; the cache is rebuilt when another block finishes). Exact for a causal model; with bidirectional
-      attention the cached prefix no longer sees the tokens after it (the approximation these papers accept for
-      speed). Null: the decoder's default (`none` for `low_confidence`, `prompt` for `confident`, `blocks` for
-      `threshold` and `multi_block`).
+      cached; the cache is rebuilt when another block finishes). The step that builds or rebuilds the cache
+      decodes from a full forward, as Dimple's first step and Fast-dLLM's first step of a block do. Exact for a
+      causal model; with bidirectional attention the cached prefix does not see the tokens after it (the
+      approximation these papers accept for speed; `distill bench decode` measures what it changes). Null: the
+      decoder's default (`none` for `low_confidence`, `prompt` for `confident`, `blocks` for `threshold` and
+      `multi_block`).
     - `cache_delay`: forwards a finished block is still re-encoded before it enters the `blocks` cache (its
       representation settles first, as in d3LLM); 0 caches it at the next forward (Fast-dLLM).
     - `refresh_every`: every N-th forward of a batch is a full forward without the cache, so that step sees exact
@@ -456,6 +462,7 @@ class EvalDecoderConfig(DecoderConfig):
                 self._setting(value)
             except (ValidationError, ValueError) as error:
                 detail = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+                detail = detail.removeprefix("Value error, ")
                 raise ValueError(f"sweep value {value}: {detail}") from None
         if len(set(self.sweep)) != len(self.sweep):
             raise ValueError("sweep values must be distinct")
@@ -550,19 +557,191 @@ class EvalConfig(Section):
 
 
 class TrajectoriesConfig(Section):
-    """Pseudo-trajectory generation (d3LLM). No options yet."""
+    """Pseudo-trajectory generation (d3LLM), `distill trajectories` and the `trajectories` run stage.
+
+    The teacher decodes every training prompt block by block with one token per forward on the
+    `data.max_response_tokens` canvas and records, per response position, the step that unmasked it
+    (`distill/trajectories.py` has the record schema and storage layout).
+
+    Parameters that control decoding:
+    - `choice`: which masked position of the current block each forward commits: `confidence` (highest top-1
+      probability, LLaDA's low-confidence remasking) or `entropy` (lowest entropy of the predicted distribution,
+      d3LLM's choice).
+    - `block_length`: semi-autoregressive block size in tokens (d3LLM uses 32); must divide the canvas, so the
+      tiny recipes' 24-token canvas needs e.g. 24, 12 or 8.
+    - `temperatures`: decoding temperature of each attempt: a sample the teacher answers wrongly is decoded again
+      at the next temperature (d3LLM retries 0.0 -> 0.4); `[0.0]` never retries. Sampling at a temperature
+      > 0 draws from a generator seeded by `run.seed`, the temperature and the ids of the samples decoded
+      together, so a rerun reproduces every attempt.
+    - `batch_size`: prompts decoded together.
+
+    Parameters that control what is kept:
+    - `keep`: `all` keeps every sample (the last attempt of those still wrong); `correct` drops samples the teacher
+      still got wrong after every temperature.
+    - `tokens`: the tokens training pairs with the teacher's order (column `target_ids`): `reference` — the
+      dataset's reference response, pad-filled to the canvas as training pads answers ("pseudo" trajectories,
+      d3LLM's default) — or `teacher` — the teacher's own final tokens.
+    - `max_samples`: use only the first N training records of each task (null: all of them).
+
+    Parameters that control scale and resume:
+    - `shards`: the records are split into this many contiguous shards, each written when complete (the unit of
+      resume); under `torchrun` rank r decodes the shards i with i % world_size == r. More shards than ranks
+      keeps every rank busy and loses less work to a kill.
+    """
+
+    choice: Literal["confidence", "entropy"] = "confidence"
+    block_length: PositiveInt = 32
+    temperatures: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = [0.0, 0.4]
+    batch_size: PositiveInt = 64
+    keep: Literal["all", "correct"] = "all"
+    tokens: Literal["reference", "teacher"] = "reference"
+    max_samples: PositiveInt | None = None
+    shards: PositiveInt = 16
+
+    def check_canvas(self, gen_length: int) -> None:
+        """Reject a block length that does not divide the canvas (one-line ValueError)."""
+        if gen_length % self.block_length:
+            raise ValueError(
+                f"trajectories.block_length: {self.block_length} does not divide the {gen_length}-token canvas "
+                f"(data.max_response_tokens); pick a divisor of {gen_length}"
+            )
 
 
 class TargetsConfig(Section):
-    """Self-distillation-through-time targets (SDTT). No options yet."""
+    """Self-distillation-through-time targets (SDTT, Deschenaux & Gulcehre), computed online in training.
+
+    From the student's noisy input x_t the frozen teacher runs 2 decoding steps of `dt` each; every masked
+    position takes the distribution of the teacher step that unmasked it (the last step's if neither did), and
+    the student's one forward on x_t is matched to it on masked positions (`distill/sdtt.py`).
+
+    - `divergence`: `reverse_kl` KL(student || teacher) (default; the one that kept quality as steps dropped),
+      `forward_kl` KL(teacher || student), `mse` (squared error of log-probabilities) or `tvd` (total
+      variation distance of the probabilities).
+    - `temperature`: temperature the teacher samples its committed tokens at (1.0: ancestral sampling, as in
+      SDTT; 0: greedy). Targets are always the temperature-1 distributions.
+    - `teacher_steps`: steps of the teacher's sampler over the canvas in the first round (SDTT: 1024), so one
+      teacher step unmasks `dt = 1 / teacher_steps` of the canvas (at least one token).
+    - `rounds`: SDTT rounds. Each round the student learns to do two teacher steps in one; at the next round the
+      student becomes the teacher and dt doubles: 1024 -> 512 -> ... teacher steps. Round r's teacher takes
+      `teacher_steps / 2**r` steps; `teacher_steps` must be divisible by `2**rounds`.
+    - `steps_per_round`: optimizer steps per round (SDTT: 10k); the round is `step // steps_per_round`, capped
+      at `rounds - 1`.
+    """
+
+    divergence: Literal["reverse_kl", "forward_kl", "mse", "tvd"] = "reverse_kl"
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    teacher_steps: PositiveInt = 1024
+    rounds: PositiveInt = 7
+    steps_per_round: PositiveInt = 10000
+
+    @model_validator(mode="after")
+    def _rounds_fit(self) -> TargetsConfig:
+        if self.teacher_steps % 2**self.rounds:
+            raise ValueError(
+                f"teacher_steps {self.teacher_steps} must be divisible by 2**rounds = {2**self.rounds} "
+                f"(the last round's student takes teacher_steps / 2**rounds steps)"
+            )
+        return self
+
+
+class LoraConfig(Section):
+    """LoRA adapters through peft (d3LLM used r = alpha = 256 on 7B models).
+
+    - `r`: adapter rank. `alpha`: scaling numerator (the update is scaled by alpha / r). `dropout`: on the
+      adapter input.
+    - `target_modules`: module names to adapt; the default covers every linear layer of Qwen2-style blocks
+      (Dream, Dimple, the tiny model). LLaDA names its projections differently (e.g. `q_proj`, `k_proj`,
+      `v_proj`, `attn_out`, `ff_proj`, `up_proj`, `ff_out`): set them here for it.
+    """
+
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
 
 
 class StudentConfig(Section):
-    """How the student is built from the teacher. No options yet."""
+    """How the student is built from the teacher.
+
+    - `kind`: `full` (a trainable copy of every teacher weight) or `lora` (the teacher's weights frozen inside the
+      student, only LoRA adapters train; `export` can merge them).
+    - `lora`: adapter settings when `kind` is `lora`.
+
+    The teacher itself is never the student: it stays a separate frozen module outside the optimizer.
+    """
+
+    kind: Literal["full", "lora"] = "full"
+    lora: LoraConfig = LoraConfig()
+
+
+class LossTerm(Section):
+    """One weighted term of the distillation loss.
+
+    - `kind`: `trajectory_ce` (CE on the window positions masked as the teacher's state, d3LLM),
+      `complementary_ce` (CE with the window's mask inverted: a second forward), `certainty_forcing` (entropy of
+      softmax(logits / temperature) on masked positions already predicted correctly, on every forward that
+      runs; dParallel), `masked_diffusion` (plain masked-diffusion CE on the reference tokens, a regulariser).
+    - `weight`: multiplier of the term.
+    - `temperature`: softmax temperature of `certainty_forcing` (0.5 in dParallel/d3LLM); unused by other kinds.
+    """
+
+    kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion"]
+    weight: PositiveFloat = 1.0
+    temperature: PositiveFloat = 0.5
+
+
+class CurriculumConfig(Section):
+    """d3LLM's curriculum over pseudo-trajectory inputs.
+
+    - `floor_start` -> `floor_end`: the floor of the mask ratio t rises linearly over the run (d3LLM: 0 -> 0.8);
+      t ~ U[floor, t_max].
+    - `t_max`: upper bound of t (d3LLM: 0.8).
+    - `windows`: window (block) size per epoch, the last holding afterwards (d3LLM: 16, 24, 32); each must
+      divide the response canvas.
+    """
+
+    floor_start: Fraction = 0.0
+    floor_end: Fraction = 0.8
+    t_max: Fraction = 0.8
+    windows: Annotated[list[PositiveInt], Field(min_length=1)] = [16, 24, 32]
+
+    @model_validator(mode="after")
+    def _floor_below_max(self) -> CurriculumConfig:
+        if max(self.floor_start, self.floor_end) > self.t_max:
+            raise ValueError("floor_start and floor_end must not exceed t_max")
+        return self
 
 
 class DistillConfig(Section):
-    """Distillation losses and curriculum. No options yet."""
+    """Distillation losses and curriculum (d3LLM's recipe by default).
+
+    - `losses`: weighted terms summed into the loss; the default is d3LLM's
+      `[CE(m) + CE(not m) + lambda * (H(m) + H(not m))] / 4` with lambda = 1.
+    - `curriculum`: mask-ratio floor and window schedule.
+    """
+
+    losses: Annotated[list[LossTerm], Field(min_length=1)] = [
+        LossTerm(kind="trajectory_ce", weight=0.25),
+        LossTerm(kind="complementary_ce", weight=0.25),
+        LossTerm(kind="certainty_forcing", weight=0.25),
+    ]
+    curriculum: CurriculumConfig = CurriculumConfig()
+
+    @model_validator(mode="after")
+    def _kinds_unique(self) -> DistillConfig:
+        kinds = [term.kind for term in self.losses]
+        repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if repeated:
+            raise ValueError(f"each loss kind may appear once, repeated: {', '.join(repeated)}")
+        return self
 
 
 class ExportConfig(Section):
@@ -626,6 +805,14 @@ class Recipe(Section):
                 except ValueError as error:
                     at = f" (sweep value {value})" if decoder.sweep else ""
                     raise ValueError(f"{where}: {error}{at}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _trajectory_blocks_fit(self) -> Recipe:
+        # Checked only when the stage runs: recipes without it keep the default block length on any canvas.
+        # `distill trajectories` runs the same check itself.
+        if "trajectories" in self.run.stages:
+            self.trajectories.check_canvas(self.data.max_response_tokens)
         return self
 
     def section_hash(self, *sections: str) -> str:

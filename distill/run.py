@@ -1,6 +1,6 @@
 """`distill run`: one recipe, executed top to bottom.
 
-load recipe -> build data -> teacher (pretrain, reuse from cache, or load) -> evaluate -> summary.
+load recipe -> build data -> teacher (pretrain, reuse from cache, or load) -> trajectories -> evaluate -> summary.
 Each arrow is one named call under a comment header in `run`. Everything lands in `run.output_dir`:
 
     recipe.yaml          the fully resolved recipe
@@ -8,7 +8,10 @@ Each arrow is one named call under a comment header in `run`. Everything lands i
     teacher/             the diffusion teacher (safetensors + tokenizer, loads with AutoModel)
     ar-baseline/         the AR-phase checkpoint (causal attention)
     pretrain-ar/, pretrain-diffusion/   trainer phases: checkpoints, metrics.jsonl, wandb
-    eval/summary.json, eval/<row>/<task>.jsonl
+    trajectories/        the teacher's pseudo-trajectories (Arrow + manifest.json; `distill/trajectories.py`)
+    trajectories-shards/ their shards, the unit of resume
+    eval/report.{json,md,html}, eval/report-<task>.png   the AUP report (`eval/report.py` has the JSON schema)
+    eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
     summary.json         stage times and headline figures
 """
 
@@ -22,8 +25,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from distill.recipe import DecoderConfig, Recipe, dump_recipe
-from eval.evaluate import EvalResult, evaluate_records, write_sample_log
+from distill.recipe import DecoderConfig, EvalDecoderConfig, Recipe, dump_recipe
+from distill.trajectories import generate_trajectories, training_records
+from eval.evaluate import evaluate_records, write_sample_log
+from eval.report import hardware_name, new_report, write_report
 from eval.tasks import build_task_datasets
 from teachers.interface import load_teacher
 
@@ -109,41 +114,126 @@ def resolve_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) ->
 
 def row_decoder(recipe: Recipe, row: str, gen_length: int) -> DecoderConfig:
     """The decoder a row is scored with: the recipe's for diffusion rows, left-to-right for the AR baseline."""
-    if row == "ar-baseline":
+    if row in autoregressive_rows(recipe):
         # One token per forward, strictly left to right: with causal attention this is plain AR decoding.
         return DecoderConfig(name="low_confidence", gen_length=gen_length, steps=gen_length, block_length=1)
     return recipe.eval.decoder
 
 
-def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], out_dir: Path) -> list[EvalResult]:
-    """Evaluate each (row, task) pair; writes per-sample logs and `summary.json` into `out_dir`."""
-    gen_length = recipe.eval.decoder.gen_length or recipe.data.max_response_tokens
-    results = []
+def autoregressive_rows(recipe: Recipe) -> set[str]:
+    return {"ar-baseline"} | {checkpoint.name for checkpoint in recipe.eval.checkpoints if checkpoint.autoregressive}
+
+
+def row_decoders(recipe: Recipe, row: str) -> list[EvalDecoderConfig]:
+    """Every decoder (with its sweep) a row is scored with: one left-to-right decoder for AR rows."""
+    if row in autoregressive_rows(recipe):
+        gen_length = recipe.eval.decoder.gen_length or recipe.data.max_response_tokens
+        return [EvalDecoderConfig.model_validate(row_decoder(recipe, row, gen_length).model_dump())]
+    return recipe.eval.all_decoders()
+
+
+def eval_rows(recipe: Recipe, produced: dict[str, Path]) -> dict[str, Path]:
+    """The checkpoint of every eval row: this run's models (`produced` by a stage, else `teacher.path` or
+    `<run.output_dir>/<row>`) and `eval.checkpoints`. Raises FileNotFoundError naming the missing ones."""
+    out_dir = Path(recipe.run.output_dir)
+    rows: dict[str, Path] = {}
+    for row in recipe.eval.rows:
+        own = recipe.teacher.path if row == "teacher" else None
+        rows[row] = Path(produced.get(row) or own or out_dir / row)
+    for checkpoint in recipe.eval.checkpoints:
+        rows[checkpoint.name] = checkpoint.path
+    missing = [f"{name} ({path})" for name, path in rows.items() if not (path / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"eval: no checkpoint for {', '.join(missing)}")
+    return rows
+
+
+def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], out_dir: Path) -> dict:
+    """Score every row x task x decoder x knob value; write the per-sample logs and the report into `out_dir`.
+
+    Returns the report (the content of `report.json`). `distill run`'s eval stage and `distill eval` both call this.
+    """
+    tasks = recipe.eval.tasks or recipe.data.task_names()
+    rows_by_task: dict[str, list[dict]] = {task: [] for task in tasks}
     for row, checkpoint in checkpoints.items():
         model_name = recipe.teacher.name if recipe.teacher.path is not None else "tiny"
         teacher = load_teacher(model_name, checkpoint, recipe.teacher.dtype)
-        for task in recipe.eval.tasks or recipe.data.task_names():
+        hardware = hardware_name(teacher.device)
+        for task in tasks:
             records = list(datasets[task]["eval"])
             if recipe.eval.max_samples is not None:
                 records = records[: recipe.eval.max_samples]
-            result = evaluate_records(
-                teacher,
-                records,
-                row_decoder(recipe, row, gen_length),
-                gen_length,
-                recipe.eval.batch_size,
-                task=task,
-                row=row,
-                seed=recipe.run.seed,
-            )
-            write_sample_log(result, out_dir / row / f"{task}.jsonl")
-            print(
-                f"[eval] {row:12s} {task:14s} accuracy {result.accuracy:6.2f}%  NFE {result.nfe:6.2f}  "
-                f"TPF {result.tpf:5.3f}  {result.tokens_per_s:8.1f} tok/s  ({result.samples} samples)"
-            )
-            results.append(result)
-    write_json(out_dir / "summary.json", {"results": [result.summary() for result in results]})
-    return results
+            log = Path(row) / f"{task}.jsonl"
+            sample_logs: list[dict] = []
+            for decoder in row_decoders(recipe, row):
+                gen_length = decoder.gen_length or recipe.data.max_response_tokens
+                points = []
+                for knob, setting in decoder.settings():
+                    batch_size, seed = recipe.eval.batch_size, recipe.run.seed
+                    result = evaluate_records(
+                        teacher, records, setting, gen_length, batch_size, task=task, row=row, seed=seed
+                    )
+                    sample_logs += [{"decoder": decoder.report_name, "knob": knob} | line for line in result.logs]
+                    print(
+                        f"[eval] {row:12s} {task:14s} {decoder.report_name} {decoder.knob}={knob}  "
+                        f"accuracy {result.accuracy:6.2f}%  NFE {result.nfe:6.2f}  TPF {result.tpf:5.3f}  "
+                        f"{result.tokens_per_s:8.1f} tok/s  ({result.samples} samples)"
+                    )
+                    points.append(
+                        {
+                            "knob": knob,
+                            "tpf": result.tpf,
+                            "accuracy": result.accuracy,
+                            "nfe": result.nfe,
+                            "tokens_per_s": result.tokens_per_s,
+                            "samples": result.samples,
+                            "seconds": result.seconds,
+                            "log": str(log),
+                        }
+                    )
+                rows_by_task[task].append(
+                    {
+                        "name": row,
+                        "decoder": decoder.report_name,
+                        "decoder_name": decoder.name,
+                        "knob_name": decoder.knob,
+                        # The swept knob varies per point, so it is left out of the shared settings.
+                        "settings": decoder.model_dump(
+                            mode="json", exclude={"label", "sweep"} | ({decoder.knob} if decoder.sweep else set())
+                        ),
+                        "run": recipe.run.name,
+                        "hardware": hardware,
+                        "batch_size": recipe.eval.batch_size,
+                        "points": points,
+                    }
+                )
+            write_sample_log(sample_logs, out_dir / log)
+    report = new_report(
+        rows_by_task,
+        run=recipe.run.name,
+        alpha=recipe.eval.alpha,
+        batch_size=recipe.eval.batch_size,
+        recipe_hash=recipe.section_hash(*type(recipe).model_fields),
+    )
+    write_report(report, out_dir)
+    for entry in report["tasks"]:
+        for row in entry["rows"]:
+            aup = "n/a" if row["aup"] is None else f"{row['aup']:.2f}"
+            print(f"[eval] AUP {entry['task']:14s} {row['name']:12s} {row['decoder']:16s} {aup}")
+    print(f"[eval] report: {out_dir / 'report.md'}")
+    return report
+
+
+def report_summary(report: dict) -> list[dict]:
+    """The report's points, flattened for the run summary: one entry per task, row, decoder and knob value."""
+    keys = ("knob", "accuracy", "nfe", "tpf", "tokens_per_s", "samples")
+    return [
+        {"task": entry["task"], "row": row["name"], "decoder": row["decoder"], "aup": row["aup"]}
+        | {key: point[key] for key in keys}
+        for entry in report["tasks"]
+        for row in entry["rows"]
+        for point in row["points"]
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,15 +275,19 @@ def run(recipe: Recipe) -> dict:
     elif recipe.teacher.path is not None:
         checkpoints = {"teacher": recipe.teacher.path}
 
+    # ---- trajectories -------------------------------------------------------------------------------------
+    if "trajectories" in recipe.run.stages:
+        began = time.perf_counter()
+        teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
+        generate_trajectories(recipe, teacher_dir, training_records(recipe, datasets), out_dir)
+        stage_seconds["trajectories"] = time.perf_counter() - began
+
     # ---- evaluation ---------------------------------------------------------------------------------------
-    results: list[EvalResult] = []
+    results: list[dict] = []
     if "eval" in recipe.run.stages and is_main_process():
         began = time.perf_counter()
-        missing = [row for row in recipe.eval.rows if row not in checkpoints]
-        if missing:
-            raise ValueError(f"eval.rows: no checkpoint for {', '.join(missing)} (it comes from teacher pretraining)")
-        rows = {row: checkpoints[row] for row in recipe.eval.rows}
-        results = evaluate_rows(recipe, datasets, rows, out_dir / "eval")
+        report = evaluate_rows(recipe, datasets, eval_rows(recipe, checkpoints), out_dir / "eval")
+        results = report_summary(report)
         stage_seconds["eval"] = time.perf_counter() - began
 
     summary = {
@@ -202,7 +296,7 @@ def run(recipe: Recipe) -> dict:
         "stage_seconds": {name: round(value, 1) for name, value in stage_seconds.items()},
         "total_seconds": round(time.perf_counter() - start, 1),
         "checkpoints": {name: str(path) for name, path in checkpoints.items()},
-        "results": [result.summary() for result in results],
+        "results": results,
     }
     if is_main_process():
         write_json(out_dir / "summary.json", summary)

@@ -1,10 +1,11 @@
 """The one training loop of fewstep: a DeepSpeed engine driven by a loss function and a batch function.
 
-Every phase that updates weights (teacher pretraining, every distillation loss) runs through `Trainer`; what
-differs between them is only the `LossFn` and the `BatchFn` it is given. The trainer owns distributed start-up,
-the DeepSpeed config (generated from `TrainConfig`, with `train.deepspeed` deep-merged over it), the AdamW
-optimizer and learning-rate schedule, gradient accumulation, the NaN/inf guard, checkpoints and resume, and
-logging (metrics JSONL, wandb, progress bar).
+The module is longer than most on purpose: the whole loop, with the checkpoint and resume rules it must keep,
+reads in one place. Every phase that updates weights (teacher pretraining, every distillation loss) runs through
+`Trainer`; what differs between them is only the `LossFn` and the `BatchFn` it is given. The trainer owns
+distributed start-up, the DeepSpeed config (generated from `TrainConfig`, with `train.deepspeed` deep-merged
+over it), the AdamW optimizer and learning-rate schedule, gradient accumulation, the NaN/inf guard, checkpoints
+and resume, and logging (metrics JSONL, wandb, progress bar).
 
 Determinism contract. Training randomness comes from two places only, both keyed by the global micro-batch
 index `m = step_index * gradient_accumulation_steps + micro` (step_index counts from 0):

@@ -1,8 +1,9 @@
 """Decode a task's eval split with one model and one decoder, and score it by exact match.
 
 `evaluate_records` returns accuracy (percent), mean NFE, TPF (total generated tokens / total forward passes, so
-long answers weigh more, as in d3LLM's reports), tokens/s, and one log line per sample (prompt, output, answer,
-correct, nfe, generated tokens).
+long answers weigh more, as in d3LLM's reports), tokens/s (wall time of the decode calls, prompt encoding
+included) at the given batch size, and one log line per sample (prompt, output, answer, correct, nfe, generated
+tokens). Sweeps, AUP and reports are built on it in `distill/run.py:evaluate_rows` and `eval/report.py`.
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ def evaluate_records(
     )
 
 
-def write_sample_log(result: EvalResult, path: Path) -> None:
+def write_sample_log(logs: list[dict], path: Path) -> None:
     """Per-sample JSONL, written to a temp file and renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as handle:
-        for log in result.logs:
+        for log in logs:
             handle.write(json.dumps(log) + "\n")
     tmp.rename(path)

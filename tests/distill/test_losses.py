@@ -4,7 +4,15 @@ import math
 
 import torch
 
-from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
+from distill.losses import (
+    forward_kl,
+    log_prob_mse,
+    mask_tokens,
+    masked_diffusion_loss,
+    next_token_loss,
+    reverse_kl,
+    total_variation,
+)
 
 
 def test_next_token_loss_is_mean_ce_over_mask():
@@ -58,3 +66,54 @@ def test_uniform_weighting_is_mean_ce_over_masked_tokens():
     expected = ((ce[0, 0] + ce[0, 1]) / 2 + ce[1, 3]) / 2
     got = masked_diffusion_loss(logits, targets, masked, torch.tensor([0.3, 0.9]), response, "uniform")
     assert math.isclose(got.item(), expected.item(), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDTT divergences, each against its formula written out over the vocabulary
+
+
+def _divergence_inputs():
+    torch.manual_seed(3)
+    student_logits = torch.randn(2, 3, 6)
+    teacher_log_probs = torch.log_softmax(torch.randn(2, 3, 6) * 2, -1)
+    return student_logits, teacher_log_probs
+
+
+def _by_formula(student_logits, teacher_log_probs, formula):
+    out = torch.zeros(student_logits.shape[:-1])
+    for b in range(student_logits.shape[0]):
+        for i in range(student_logits.shape[1]):
+            q = [math.exp(v) for v in torch.log_softmax(student_logits[b, i].double(), -1).tolist()]
+            p = [math.exp(v) for v in teacher_log_probs[b, i].double().tolist()]
+            out[b, i] = formula(list(zip(q, p, strict=True)))  # (student, teacher) probability pairs
+    return out
+
+
+def test_reverse_kl_is_kl_of_student_from_teacher():
+    student, teacher = _divergence_inputs()
+    expected = _by_formula(student, teacher, lambda pairs: sum(q * math.log(q / p) for q, p in pairs))
+    assert torch.allclose(reverse_kl(student, teacher), expected, atol=1e-5)
+    assert torch.allclose(reverse_kl(teacher, teacher), torch.zeros(2, 3), atol=1e-6)
+
+
+def test_forward_kl_is_kl_of_teacher_from_student_and_skips_zero_teacher_mass():
+    student, teacher = _divergence_inputs()
+    expected = _by_formula(student, teacher, lambda pairs: sum(p * math.log(p / q) for q, p in pairs))
+    assert torch.allclose(forward_kl(student, teacher), expected, atol=1e-5)
+    one_hot = torch.full((1, 4), -torch.inf)
+    one_hot[0, 2] = 0.0
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    assert math.isclose(forward_kl(logits, one_hot).item(), -torch.log_softmax(logits, -1)[0, 2].item(), rel_tol=1e-6)
+
+
+def test_log_prob_mse_is_mean_squared_log_prob_error():
+    student, teacher = _divergence_inputs()
+    expected = _by_formula(student, teacher, lambda pairs: sum(math.log(q / p) ** 2 for q, p in pairs) / len(pairs))
+    assert torch.allclose(log_prob_mse(student, teacher), expected, atol=1e-5)
+
+
+def test_total_variation_is_half_l1_of_probabilities():
+    student, teacher = _divergence_inputs()
+    expected = _by_formula(student, teacher, lambda pairs: 0.5 * sum(abs(q - p) for q, p in pairs))
+    assert torch.allclose(total_variation(student, teacher), expected, atol=1e-6)
+    assert ((total_variation(student, teacher) >= 0) & (total_variation(student, teacher) <= 1)).all()

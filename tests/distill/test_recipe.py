@@ -27,10 +27,10 @@ def write(tmp_path: Path, tree, name: str = "recipe.yaml") -> Path:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[path.name for path in RECIPES])
-def test_every_shipped_recipe_validates(path):
+def test_every_shipped_recipe_validates(path, tmp_path):
     recipe = load_recipe(path)
     # The resolved dump is itself a valid recipe that resolves to the same thing.
-    again = load_recipe(write(path.parent.parent / ".pytest_cache", dump_recipe(recipe), f"resolved-{path.name}"))
+    again = load_recipe(write(tmp_path, dump_recipe(recipe), f"resolved-{path.name}"))
     assert again == recipe
 
 
@@ -93,6 +93,20 @@ MALFORMED = [
     ("unknown-eval-task", MINIMAL, ["eval.tasks=[sorting]"], "eval"),
     ("bad-run-name", MINIMAL, ["run.name=../escape"], "run.name"),
     ("no-teacher-weights", MINIMAL, ["~teacher.pretrain"], "teacher"),
+    ("bad-decoder-name", MINIMAL, ["eval.decoder.name=fastest"], "eval.decoder.name"),
+    ("bad-threshold", MINIMAL, ["eval.decoder.name=confident", "eval.decoder.threshold=1.5"], "eval.decoder"),
+    ("bad-entropy-bound", MINIMAL, ["eval.decoders=[{name: multi_block, threshold: -1}]"], "eval.decoders.0"),
+    ("bad-sweep-steps", MINIMAL, ["eval.decoder.sweep=[2.5]"], "sweep value 2.5"),
+    ("bad-sweep-threshold", MINIMAL, ["eval.decoders=[{name: threshold, sweep: [0.5, 1.2]}]"], "eval.decoders.0"),
+    ("bad-cache", MINIMAL, ["eval.decoder.cache=dual"], "eval.decoder.cache"),
+    ("bad-top-p", MINIMAL, ["eval.decoder.top_p=0"], "eval.decoder.top_p"),
+    ("bad-activation", MINIMAL, ["eval.decoder.full_activate_fraction=0.05"], "eval.decoder"),
+    ("block-not-dividing", MINIMAL, ["eval.decoder.block_length=5"], "eval.decoder: gen_length 32"),
+    ("pin-outside", MINIMAL, ["eval.decoder.pins={40: x}"], "eval.decoder: pins"),
+    ("checkpoint-no-path", MINIMAL, ["eval.checkpoints=[{name: x}]"], "eval.checkpoints.0.path"),
+    ("duplicate-row", MINIMAL, ["eval.checkpoints=[{name: teacher, path: x}]"], "row names must be unique"),
+    ("duplicate-decoder", MINIMAL, ["eval.decoders=[{name: low_confidence}]"], "decoder labels must be unique"),
+    ("bad-alpha", MINIMAL, ["eval.alpha=0"], "eval.alpha"),
 ]
 
 

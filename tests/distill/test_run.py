@@ -59,9 +59,10 @@ def test_run_writes_every_artifact_and_reuses_the_cached_teacher(tmp_path, capsy
     second = run_tiny(tmp_path, "second")
     assert "reusing cached teacher" in capsys.readouterr().out
     assert not (second / "pretrain-ar").exists()
-    assert json.loads((second / "pretrain.json").read_text())["key"] == json.loads(
-        (out / "pretrain.json").read_text()
-    )["key"]
+    assert (
+        json.loads((second / "pretrain.json").read_text())["key"]
+        == json.loads((out / "pretrain.json").read_text())["key"]
+    )
 
     # A different data section is a different teacher: it trains.
     third = run_tiny(tmp_path, "third", "data.tasks.0.max_digits=2")

@@ -1,0 +1,62 @@
+"""AUP, accuracy under parallelism (d3LLM): one number for a decoder's whole accuracy-vs-tokens-per-forward curve.
+
+For points (ρ_i = TPF, y_i = accuracy in percent) sorted by ρ, with y_1 the accuracy at the smallest ρ and
+every point with y_i < y_1 - 5 dropped (a decoder gets no credit for speed bought with a collapse in accuracy):
+
+    AUP = ρ_1·y_1 + ½ Σ_{i>=2} (ρ_i - ρ_{i-1})·(y_i·W(y_i) + y_{i-1}·W(y_{i-1})),
+    W(y) = min(exp(-α (1 - y / y_max)), 1),
+
+a trapezoid area under the curve whose heights are discounted by how far they fall below y_max, the best accuracy
+on the task among all compared rows (a report must say which row set it). An AR model (ρ = 1, one point) scores
+exactly its accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Points more than this many accuracy points below the lowest-TPF accuracy are ignored.
+ACCURACY_DROP_LIMIT = 5.0
+
+
+def weight(accuracy: float, y_max: float, alpha: float = 3.0) -> float:
+    """W(y) = min(exp(-α (1 - y / y_max)), 1): 1 at y_max, e^-α at 0."""
+    return min(math.exp(-alpha * (1.0 - accuracy / y_max)), 1.0)
+
+
+def kept_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points AUP integrates: sorted by TPF (ties by accuracy), without those below y_1 - 5."""
+    ordered = sorted((float(tpf), float(accuracy)) for tpf, accuracy in points)
+    floor = ordered[0][1] - ACCURACY_DROP_LIMIT
+    return [point for point in ordered if point[1] >= floor]
+
+
+def aup_score(points: list[tuple[float, float]], y_max: float, alpha: float = 3.0) -> float:
+    """AUP of one row's `(tpf, accuracy_percent)` points against the task's best accuracy `y_max` (percent).
+
+    Raises ValueError on empty input, NaN/inf, TPF <= 0, accuracies outside [0, 100], accuracies that look like
+    fractions (all <= 1 and not all 0: pass percent), and `y_max` below the row's own best accuracy.
+    """
+    if not points:
+        raise ValueError("aup: no points")
+    values = [float(value) for point in points for value in point]
+    if any(not math.isfinite(value) for value in values + [float(y_max), float(alpha)]):
+        raise ValueError(f"aup: points, y_max and alpha must be finite numbers, got {points!r}, {y_max!r}, {alpha!r}")
+    if any(tpf <= 0 for tpf, _ in points):
+        raise ValueError("aup: TPF must be > 0")
+    accuracies = [float(accuracy) for _, accuracy in points]
+    if any(not 0 <= accuracy <= 100 for accuracy in accuracies):
+        raise ValueError(f"aup: accuracies must be percentages in [0, 100], got {accuracies}")
+    if max(accuracies) <= 1 and max(accuracies) > 0:
+        raise ValueError(f"aup: accuracies {accuracies} look like fractions; pass percentages (0-100)")
+    if y_max < max(accuracies):
+        raise ValueError(f"aup: y_max {y_max} is below this row's best accuracy {max(accuracies)}")
+    if y_max == 0:
+        return 0.0  # every accuracy is 0: nothing to weigh
+    kept = kept_points(points)
+    heights = [accuracy * weight(accuracy, y_max, alpha) for _, accuracy in kept]
+    # The first term is unweighted, as in the definition: at ρ_1 the row is compared with nothing faster.
+    area = kept[0][0] * kept[0][1]
+    for index in range(1, len(kept)):
+        area += 0.5 * (kept[index][0] - kept[index - 1][0]) * (heights[index] + heights[index - 1])
+    return area

@@ -1,0 +1,230 @@
+"""The AUP report: scoring against y_max over all rows, merging, rendering, and `distill eval` / `distill run` /
+`distill report` end to end on a randomly initialised tiny teacher."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from distill.cli import main
+from eval.report import load_report, merge_reports, new_report, score_report, write_report
+from teachers.interface import new_tiny_teacher, save_teacher
+
+
+def make_row(name, decoder, points, knob_name="threshold", batch_size=4, run="r"):
+    return {
+        "name": name,
+        "decoder": decoder,
+        "decoder_name": decoder,
+        "knob_name": knob_name,
+        "settings": {},
+        "run": run,
+        "hardware": "cpu",
+        "batch_size": batch_size,
+        "points": [
+            {
+                "knob": knob,
+                "tpf": tpf,
+                "accuracy": accuracy,
+                "nfe": 1.0,
+                "tokens_per_s": 10.0,
+                "samples": 10,
+                "seconds": 1.0,
+                "log": "x.jsonl",
+            }
+            for knob, tpf, accuracy in points
+        ],
+    }
+
+
+def w(y, y_max):
+    return min(math.exp(-3 * (1 - y / y_max)), 1.0)
+
+
+def small_report(run="r", teacher_points=((0.9, 4.0, 76.0), (1.0, 1.0, 80.0)), batch_size=4, teacher="teacher"):
+    rows = [
+        make_row(teacher, "confident", teacher_points, batch_size=batch_size, run=run),
+        make_row("ar-baseline", "low_confidence", [(32, 1.0, 60.0)], "steps", batch_size=batch_size, run=run),
+    ]
+    return new_report({"addition": rows}, run=run, alpha=3.0, batch_size=batch_size, recipe_hash="h")
+
+
+def test_y_max_is_the_best_accuracy_over_all_rows_and_every_aup_uses_it():
+    report = small_report()
+    task = report["tasks"][0]
+    assert task["y_max"] == 80.0
+    assert task["y_max_row"] == {"name": "teacher", "decoder": "confident", "knob": 1.0}
+    teacher, ar = task["rows"]
+    # Sorted by TPF: (1, 80) then (4, 76): 1*80 + 1/2*(4-1)*(76*W(76) + 80*W(80)).
+    assert teacher["aup"] == pytest.approx(80 + 1.5 * (76 * w(76, 80) + 80))
+    assert ar["aup"] == pytest.approx(60.0)  # an AR row scores its accuracy, whatever y_max is
+
+
+def test_degenerate_row_keeps_the_report_with_a_reason():
+    rows = [make_row("teacher", "confident", [(0.5, 0.0, 0.0)]), make_row("x", "confident", [(0.5, 1.0, 50.0)])]
+    report = new_report({"addition": rows}, run="r", alpha=3.0, batch_size=4, recipe_hash="h")
+    assert report["tasks"][0]["rows"][0]["aup"] is None
+    assert "TPF" in report["tasks"][0]["rows"][0]["aup_error"]
+    assert report["tasks"][0]["rows"][1]["aup"] == pytest.approx(50.0)
+
+
+def test_merge_rescores_against_the_merged_y_max_and_renames_clashing_rows(tmp_path):
+    first = small_report(run="a")
+    second = small_report(run="b", teacher_points=((0.9, 2.0, 90.0),), batch_size=8)
+    for name, report in (("a", first), ("b", second)):
+        write_report(report, tmp_path / name / "eval")
+    merged = merge_reports([load_report(tmp_path / "a"), load_report(tmp_path / "b")])
+    task = merged["tasks"][0]
+    assert [(row["name"], row["decoder"]) for row in task["rows"]] == [
+        ("teacher", "confident"),
+        ("ar-baseline", "low_confidence"),
+        ("b/teacher", "confident"),
+        ("b/ar-baseline", "low_confidence"),
+    ]
+    assert task["y_max"] == 90.0 and task["y_max_row"]["name"] == "b/teacher"
+    # Run a's teacher is now weighed against 90: 1*80 + 1/2*3*(76*W(76) + 80*W(80)).
+    assert task["rows"][0]["aup"] == pytest.approx(80 + 1.5 * (76 * w(76, 90) + 80 * w(80, 90)))
+    assert merged["batch_size"] is None and merged["recipe_hash"] == "h" and len(merged["sources"]) == 2
+    assert task["rows"][0]["points"][0]["log"] == str((tmp_path / "a" / "eval" / "x.jsonl").resolve())
+
+
+def test_written_report_files(tmp_path):
+    report = small_report(teacher="<b>teacher</b>")
+    written = write_report(report, tmp_path)
+    assert sorted(path.name for path in written) == ["report-addition.png", "report.html", "report.json", "report.md"]
+    assert (tmp_path / "report-addition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "&lt;b&gt;teacher" in html and "<b>teacher" not in html
+    markdown = (tmp_path / "report.md").read_text()
+    assert "y_max = 80.00% (<b>teacher</b> · confident at 1.0)" in markdown and "report-addition.png" in markdown
+    again = load_report(tmp_path)
+    assert again["tasks"] == json.loads(json.dumps(report["tasks"]))
+    assert score_report(again)["tasks"][0]["rows"][0]["aup"] == report["tasks"][0]["rows"][0]["aup"]
+
+
+def test_load_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no report.json"):
+        load_report(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"tasks": []}))
+    with pytest.raises(ValueError, match="not a fewstep report"):
+        load_report(tmp_path)
+
+
+def test_report_command_rerenders_and_merges(tmp_path, capsys):
+    write_report(small_report(run="a"), tmp_path / "a" / "eval")
+    write_report(small_report(run="b"), tmp_path / "b" / "eval")
+    (tmp_path / "a" / "eval" / "report.md").unlink()
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "eval" / "report.md").is_file()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")]) == 0
+    merged = json.loads((tmp_path / "both" / "report.json").read_text())
+    assert len(merged["tasks"][0]["rows"]) == 4 and merged["run"] == "a+b"
+    assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end on a random tiny teacher (accuracy ~0; what is checked is the plumbing and the schema)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    teacher = new_tiny_teacher(32, 64, 1, 2, 1, 64)
+    save_teacher(teacher, root / "teacher")
+    teacher.model.config.causal = True
+    save_teacher(teacher, root / "ar")
+    return root
+
+
+def eval_recipe(tmp_path, checkpoints) -> str:
+    tree = {
+        "run": {"name": "tiny-eval", "output_dir": str(tmp_path / "run"), "stages": ["eval"]},
+        "teacher": {"pretrain": {}},
+        "data": {
+            "max_response_tokens": 16,
+            "tasks": [
+                {"name": "addition", "train_size": 10, "eval_size": 6},
+                {"name": "word_problems", "train_size": 10, "eval_size": 4},
+            ],
+        },
+        "eval": {
+            "rows": [],
+            "checkpoints": [
+                {"name": "teacher", "path": str(checkpoints / "teacher")},
+                {"name": "ar-baseline", "path": str(checkpoints / "ar"), "autoregressive": True},
+            ],
+            "batch_size": 4,
+            "decoder": {"name": "confident", "sweep": [0.5, 0.9, 1.0]},
+            "decoders": [{"name": "multi_block", "block_length": 4, "sweep": [0.5, 2.0]}],
+        },
+        "logging": {"progress": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_eval_writes_the_report_and_run_writes_the_same_one(tmp_path, tiny_checkpoints, capsys):
+    recipe = eval_recipe(tmp_path, tiny_checkpoints)
+    assert main(["eval", recipe]) == 0
+    eval_dir = tmp_path / "run" / "eval"
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert set(report) >= {"tasks", "hardware", "batch_size", "versions", "recipe_hash", "schema_version"}
+    assert report["batch_size"] == 4 and "threads" in report["hardware"]
+    assert [task["task"] for task in report["tasks"]] == ["addition", "word_problems"]
+    for task in report["tasks"]:
+        rows = {(row["name"], row["decoder"]): row for row in task["rows"]}
+        assert list(rows) == [("teacher", "confident"), ("teacher", "multi_block"), ("ar-baseline", "low_confidence")]
+        assert [point["knob"] for point in rows["teacher", "confident"]["points"]] == [0.5, 0.9, 1.0]
+        assert [point["knob"] for point in rows["teacher", "multi_block"]["points"]] == [0.5, 2.0]
+        (ar_point,) = rows["ar-baseline", "low_confidence"]["points"]
+        assert ar_point["knob"] == 16 and ar_point["tpf"] <= 1.0
+        assert rows["ar-baseline", "low_confidence"]["settings"]["block_length"] == 1
+        for row in task["rows"]:
+            for point in row["points"]:
+                assert set(point) >= {"knob", "tpf", "accuracy", "nfe", "tokens_per_s"}
+                assert 0 <= point["accuracy"] <= 100 and point["nfe"] >= 1
+        assert task["y_max"] == max(p["accuracy"] for row in task["rows"] for p in row["points"])
+        assert (eval_dir / f"report-{task['task']}.png").is_file()
+    lines = [json.loads(line) for line in (eval_dir / "teacher" / "addition.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 * 5  # 6 samples x (3 confident + 2 multi_block points)
+    assert set(lines[0]) >= {"decoder", "knob", "prompt", "output", "answer", "correct", "nfe"}
+    assert (eval_dir / "report.md").is_file() and (eval_dir / "report.html").is_file()
+    printed = capsys.readouterr().out
+    assert "AUP" in printed and "TPF" in printed
+
+    # `distill run`'s eval stage calls the same function: the same rows and (deterministic) points.
+    assert main(["run", recipe, f"run.output_dir={tmp_path / 'run2'}"]) == 0
+    again = json.loads((tmp_path / "run2" / "eval" / "report.json").read_text())
+
+    def numbers(rep):
+        return [
+            (t["task"], r["name"], r["decoder"], p["knob"], p["accuracy"], p["tpf"], p["nfe"])
+            for t in rep["tasks"]
+            for r in t["rows"]
+            for p in r["points"]
+        ]
+
+    assert numbers(again) == numbers(report)
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert {(r["row"], r["task"]) for r in summary["results"]} == {
+        (row, task) for row in ("teacher", "ar-baseline") for task in ("addition", "word_problems")
+    }
+
+
+def test_eval_names_missing_checkpoints(tmp_path, capsys):
+    recipe = eval_recipe(tmp_path, tmp_path / "nowhere")
+    assert main(["eval", recipe]) == 1
+    assert "no checkpoint for teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [["report"], ["bench"], ["bench", "decode"]])
+def test_help(verb, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([*verb, "--help"])
+    assert caught.value.code == 0 and "usage: distill" in capsys.readouterr().out
