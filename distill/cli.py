@@ -277,5 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME_ERROR
 
 
+def entry() -> None:
+    """The console script: `main`, then leave the process group so a launched rank exits cleanly.
+
+    (A process that exits with gloo's threads still running can abort at exit. `main` itself leaves the group
+    alone: in-process callers run several commands on one group, which DeepSpeed caches.)
+    """
+    code = main()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

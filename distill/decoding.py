@@ -141,7 +141,7 @@ def confidence_of(probs: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch
     return -entropy(probs)
 
 
-def _top(score: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def top_positions(score: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """[b, L] True at the `count[b]` highest-scoring candidate positions of each row."""
     score = torch.where(candidates, score, torch.full_like(score, -torch.inf))
     rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)
@@ -177,7 +177,7 @@ def low_confidence(state: StepState, config: DecoderConfig, gen_length: int) -> 
         score = confidence_of(probs, tokens, "probability")
     candidates = _current_block_candidates(state)
     count, _ = _schedule(state, config, gen_length, candidates)
-    return tokens, _top(score, candidates, count)
+    return tokens, top_positions(score, candidates, count)
 
 
 def confident(state: StepState, config: DecoderConfig, gen_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,14 +187,14 @@ def confident(state: StepState, config: DecoderConfig, gen_length: int) -> tuple
     above = candidates & (score > config.threshold)
     count, last_step = _schedule(state, config, gen_length, candidates)
     use_threshold = above.any(-1) & ~last_step
-    return tokens, torch.where(use_threshold[:, None], above, _top(score, candidates, count))
+    return tokens, torch.where(use_threshold[:, None], above, top_positions(score, candidates, count))
 
 
 def threshold_parallel(state: StepState, config: DecoderConfig, gen_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, probs = sample_tokens(state.logits, config, state.generator)
     score = confidence_of(probs, tokens, config.confidence)
     candidates = _current_block_candidates(state)
-    best = _top(score, candidates, torch.ones_like(state.block))
+    best = top_positions(score, candidates, torch.ones_like(state.block))
     return tokens, (candidates & (score > config.threshold)) | best
 
 
@@ -211,7 +211,7 @@ def multi_block(state: StepState, config: DecoderConfig, gen_length: int) -> tup
     active = active.repeat_interleave(state.block_length, dim=1) & state.masked
     full = full.repeat_interleave(state.block_length, dim=1) & state.masked
     # The first unfinished block's predecessor is complete, so `full` always holds a masked position.
-    forced = _top(-uncertainty, full, torch.ones_like(state.block))
+    forced = top_positions(-uncertainty, full, torch.ones_like(state.block))
     return tokens, (active & (uncertainty <= config.threshold)) | forced
 
 

@@ -11,6 +11,8 @@ partitioned with the student.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -67,6 +69,14 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
     return loss_fn
 
 
+def records_digest(records: list[dict]) -> str:
+    """sha256 of what training reads from each trajectory record, in order."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record["sample_id"], record["target_ids"], record["order"]]).encode())
+    return digest.hexdigest()
+
+
 def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path) -> Path:
     """Train the student on trajectory `records`; returns the saved student directory (`out_dir/student`)."""
     teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
@@ -103,6 +113,16 @@ def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_
         logging=recipe.logging,
         seed=recipe.run.seed,
         phase="distill",
+        fingerprint=json.dumps(
+            {
+                # The trajectories themselves (not their path): another teacher gives other orders.
+                "trajectories": records_digest(records),
+                "student": recipe.student.model_dump(mode="json"),
+                "distill": recipe.distill.model_dump(mode="json"),
+                "seed": recipe.run.seed,
+            },
+            sort_keys=True,
+        ),
     )
     trainer.train()
     state = trainer.full_state_dict()

@@ -11,6 +11,7 @@ Both phases run on the one DeepSpeed trainer with their own `TrainConfig` (`teac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from distill.data import SequencePool, encode_records
 from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
 from distill.recipe import Recipe, TrainConfig
-from distill.trainer import Trainer
+from distill.trainer import RESUME_SAFE_FIELDS, Trainer
 from teachers.interface import Teacher, new_tiny_teacher, save_teacher
 
 
@@ -48,6 +49,20 @@ def diffusion_loss(teacher: Teacher, eps: float, weighting: str):
     return loss_fn
 
 
+def pretrain_fingerprint(recipe: Recipe) -> str:
+    """What a pretraining phase's checkpoints depend on besides its own TrainConfig: the data, the model sizes,
+    the diffusion objective, the seed and the AR phase the diffusion phase starts from."""
+    spec = recipe.teacher.pretrain
+    payload = {
+        "data": recipe.data.model_dump(mode="json"),
+        "model": spec.model.model_dump(mode="json"),
+        "objective": [spec.mask_eps, spec.loss_weighting],
+        "ar": spec.ar.model_dump(mode="json", exclude=RESUME_SAFE_FIELDS - {"max_steps"}),
+        "seed": recipe.run.seed,
+    }
+    return json.dumps(payload, sort_keys=True)
+
+
 def _train_phase(
     teacher: Teacher, recipe: Recipe, config: TrainConfig, phase: str, loss_fn, examples, out_dir: Path
 ) -> None:
@@ -71,6 +86,7 @@ def _train_phase(
         logging=recipe.logging,
         seed=recipe.run.seed,
         phase=phase,
+        fingerprint=pretrain_fingerprint(recipe),
     )
     trainer.train()
     state = trainer.full_state_dict()

@@ -51,6 +51,7 @@ class RunConfig(Section):
     - `seed`: seeds data generation, initialisation, masking and sampling.
     - `stages`: pipeline stages in order: `teacher` (pretrain or load the teacher), `trajectories` (the teacher
       decodes the training prompts one token per forward and records the order; see `TrajectoriesConfig`),
+      `distill` (train the student on the trajectory set; see `StudentConfig`, `DistillConfig`, `train`),
       `eval` (decode the eval split and score it).
     - `cache_dir`: where pretrained teachers are cached by the hash of their recipe sections so a later run with
       the same teacher + data reuses them; null disables the cache.
@@ -59,7 +60,10 @@ class RunConfig(Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] = "run"
     output_dir: Path | None = None
     seed: NonNegativeInt = 0
-    stages: Annotated[list[Literal["teacher", "trajectories", "eval"]], Field(min_length=1)] = ["teacher", "eval"]
+    stages: Annotated[list[Literal["teacher", "trajectories", "distill", "eval"]], Field(min_length=1)] = [
+        "teacher",
+        "eval",
+    ]
     cache_dir: Path | None = None
 
     @model_validator(mode="after")
@@ -805,6 +809,18 @@ class Recipe(Section):
                 except ValueError as error:
                     at = f" (sweep value {value})" if decoder.sweep else ""
                     raise ValueError(f"{where}: {error}{at}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _curriculum_windows_fit(self) -> Recipe:
+        if "distill" in self.run.stages:
+            canvas = self.data.max_response_tokens
+            for window in self.distill.curriculum.windows:
+                if canvas % window:
+                    raise ValueError(
+                        f"distill.curriculum.windows: window {window} does not divide the {canvas}-token canvas "
+                        "(data.max_response_tokens)"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """`distill run`: one recipe, executed top to bottom.
 
-load recipe -> build data -> teacher (pretrain, reuse from cache, or load) -> trajectories -> evaluate -> summary.
+load recipe -> build data -> teacher (pretrain, reuse from cache, or load) -> trajectories -> distill the student
+-> evaluate -> summary.
 Each arrow is one named call under a comment header in `run`. Everything lands in `run.output_dir`:
 
     recipe.yaml          the fully resolved recipe
@@ -10,6 +11,8 @@ Each arrow is one named call under a comment header in `run`. Everything lands i
     pretrain-ar/, pretrain-diffusion/   trainer phases: checkpoints, metrics.jsonl, wandb
     trajectories/        the teacher's pseudo-trajectories (Arrow + manifest.json; `distill/trajectories.py`)
     trajectories-shards/ their shards, the unit of resume
+    distill/             the distillation phase: checkpoints, metrics.jsonl, wandb
+    student/             the distilled student (LoRA merged), loads like the teacher
     eval/report.{json,md,html}, eval/report-<task>.png   the AUP report (`eval/report.py` has the JSON schema)
     eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
     summary.json         stage times and headline figures
@@ -25,11 +28,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from distill.ranks import prepare_datasets
 from distill.recipe import DecoderConfig, EvalDecoderConfig, Recipe, dump_recipe
-from distill.trajectories import generate_trajectories, training_records
+from distill.trajectories import expected_manifest, generate_trajectories, load_trajectories, training_records
 from eval.evaluate import evaluate_records, write_sample_log
 from eval.report import hardware_name, new_report, write_report
-from eval.tasks import build_task_datasets
 from teachers.interface import load_teacher
 
 
@@ -247,19 +250,9 @@ def run(recipe: Recipe) -> dict:
     start = time.perf_counter()
 
     # ---- recipe and data ----------------------------------------------------------------------------------
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        from distill.trainer import init_distributed
-
-        init_distributed()
     if is_main_process():
         write_resolved_recipe(recipe, out_dir)
-        datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
-    if distributed:
-        # Rank 0 generates and writes the data; the others load what it wrote.
-        dist.barrier()
-        if not is_main_process():
-            datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+    datasets = prepare_datasets(recipe, out_dir)
     stage_seconds["data"] = time.perf_counter() - start
 
     # ---- teacher ------------------------------------------------------------------------------------------
@@ -281,6 +274,18 @@ def run(recipe: Recipe) -> dict:
         teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
         generate_trajectories(recipe, teacher_dir, training_records(recipe, datasets), out_dir)
         stage_seconds["trajectories"] = time.perf_counter() - began
+
+    # ---- distillation -------------------------------------------------------------------------------------
+    if "distill" in recipe.run.stages:
+        from distill.distill import distill_student  # imports DeepSpeed; only needed when training
+
+        began = time.perf_counter()
+        teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
+        records = training_records(recipe, datasets)
+        # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
+        trajectories = load_trajectories(out_dir / "trajectories", **expected_manifest(recipe, teacher_dir, records))
+        checkpoints["student"] = distill_student(recipe, teacher_dir, trajectories.to_list(), out_dir)
+        stage_seconds["distill"] = time.perf_counter() - began
 
     # ---- evaluation ---------------------------------------------------------------------------------------
     results: list[dict] = []

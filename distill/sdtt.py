@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from distill.decoding import _top, confidence_of, sample_tokens
+from distill.decoding import confidence_of, sample_tokens, top_positions
 from distill.losses import forward_kl, log_prob_mse, mask_tokens, reverse_kl, total_variation
 from distill.recipe import DecoderConfig, TargetsConfig
 from teachers.interface import Teacher, save_teacher
@@ -111,7 +111,7 @@ def sdtt_targets(
         log_probs = step_log_probs if log_probs is None else torch.where(keep, log_probs, step_log_probs)
         logits[..., teacher.mask_token_id] = -torch.inf
         tokens, probs = sample_tokens(logits, config, generator)
-        commit = _top(confidence_of(probs, tokens, "probability"), masked, count)
+        commit = top_positions(confidence_of(probs, tokens, "probability"), masked, count)
         x = torch.where(commit, tokens, x)
         unmasked_at = torch.where(commit, torch.full_like(unmasked_at, step), unmasked_at)
     return SDTTTargets(log_probs=log_probs, unmasked_at=unmasked_at, x_s=x)

@@ -29,12 +29,15 @@ Checkpoint layout (inside the phase's `output_dir`):
         latest                     written by DeepSpeed; not trusted (see COMPLETE)
         step-00000004/             DeepSpeed files (model, optimizer and scheduler states, per rank)
             rng-rank0000.pt ...    each rank's Python / NumPy / torch RNG states
-            COMPLETE               written by rank 0 once every rank finished writing; JSON with step and world size
+            COMPLETE               written by rank 0 once every rank finished writing; JSON with step, world size
+                                   and the run fingerprint
 A step-N checkpoint holds the state after N optimizer steps. Only directories with `COMPLETE` count as
 checkpoints; the newest `keep_last` of them are kept, older ones are deleted. Resume (`resume: auto`) loads the
 newest complete checkpoint (model, optimizer, scheduler, RNG) and continues at step N+1; metric lines after step
 N are dropped from metrics.jsonl so the file reads as one uninterrupted history. A directory without `COMPLETE`
-(a save that was interrupted) is ignored with a warning. `resume: never` deletes earlier checkpoints and
+(a save that was interrupted) is ignored with a warning. A checkpoint whose fingerprint (`run_fingerprint`: the
+config less the resume-safe fields, plus what the caller says the model and data are) differs from this run's is
+refused with a clear error rather than silently continued. `resume: never` deletes earlier checkpoints and
 metrics of the phase and starts over. A non-finite loss raises `TrainingDiverged` before any update with it
 is applied, and no checkpoint is written after it, so the last complete checkpoint stays the last good state.
 """
@@ -42,6 +45,7 @@ is applied, and no checkpoint is written after it, so the last complete checkpoi
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -199,6 +203,21 @@ def enable_checkpointing(model: torch.nn.Module, phase: str) -> None:
 # Checkpoint helpers
 
 
+# Options that may change between a run and its resumption: they do not change what the steps so far computed.
+RESUME_SAFE_FIELDS = {"max_steps", "checkpoint_every", "keep_last", "resume", "log_every"}
+
+
+def run_fingerprint(config: TrainConfig, phase: str, caller: str = "") -> str:
+    """Identity of a phase's training: its config (less `RESUME_SAFE_FIELDS`), the phase and the caller's own
+    fingerprint (what the model and data are). Checkpoints carry it; resume refuses one that differs."""
+    payload = {
+        "phase": phase,
+        "config": config.model_dump(mode="json", exclude=RESUME_SAFE_FIELDS),
+        "caller": caller,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def checkpoint_tag(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
@@ -213,6 +232,13 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path, bool]]:
         if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and digits.isdigit():
             found.append((int(digits), path, (path / COMPLETE_MARKER).is_file()))
     return sorted(found)
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
@@ -269,8 +295,10 @@ class Trainer:
         logging: LoggingConfig,
         seed: int,
         phase: str = "train",
+        fingerprint: str = "",
     ):
         self.config = config
+        self.fingerprint = run_fingerprint(config, phase, fingerprint)
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.loss_fn = loss_fn
@@ -333,7 +361,13 @@ class Trainer:
         torch.save(_rng_states(), path / f"rng-rank{self.rank:04d}.pt")
         dist.barrier()
         if self.is_main:
-            marker = {"step": step, "world_size": self.world_size, "phase": self.phase, "time": time.time()}
+            marker = {
+                "step": step,
+                "world_size": self.world_size,
+                "phase": self.phase,
+                "fingerprint": self.fingerprint,
+                "time": time.time(),
+            }
             (path / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
             self._prune_checkpoints()
         dist.barrier()
@@ -363,10 +397,17 @@ class Trainer:
                 shutil.rmtree(self.checkpoint_dir)
         else:
             found = latest_complete_checkpoint(self.checkpoint_dir) if self.is_main else None
+            written_by = _read_marker(found[1]).get("fingerprint") if found else None
             # Every rank must load the same step; rank 0's view of the directory decides.
-            choice = [found[0] if found else None]
+            choice = [found[0] if found else None, written_by]
             dist.broadcast_object_list(choice, src=0)
-            step = choice[0]
+            step, written_by = choice
+            if step is not None and written_by != self.fingerprint:
+                raise ValueError(
+                    f"{self.phase}: the checkpoints in {self.checkpoint_dir} were written by a different configuration "
+                    f"(fingerprint {written_by}, this run {self.fingerprint}); resume them with the recipe that wrote "
+                    "them, or set resume: never, or use another run.output_dir"
+                )
         if step is not None:
             self._load_checkpoint(step)
         else:

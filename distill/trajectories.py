@@ -79,8 +79,9 @@ from datasets import (
 from distill import __version__
 from distill.data import EncodedExample, encode_records
 from distill.decoding import DecodeResult, decode
+from distill.ranks import join_ranks, prepare_datasets
 from distill.recipe import DecoderConfig, Recipe, TrajectoriesConfig
-from eval.tasks import build_task_datasets, is_correct
+from eval.tasks import is_correct
 from teachers.interface import Teacher, load_teacher
 
 FORMAT_VERSION = 1
@@ -376,15 +377,6 @@ def _shard_bounds(total: int, count: int) -> list[tuple[int, int]]:
     return [(index * total // count, (index + 1) * total // count) for index in range(count)]
 
 
-def _join_ranks() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from distill.trainer import init_distributed  # imports DeepSpeed; only needed under a launcher
-
-        init_distributed()
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_over_ranks(values: list[float], world_size: int) -> list[float]:
     """Element-wise sum over ranks; also a barrier."""
     if world_size == 1:
@@ -455,7 +447,7 @@ def generate_trajectories(recipe: Recipe, teacher_dir: Path, records: list[dict]
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     if not (teacher_dir / "config.json").is_file():
         raise FileNotFoundError(f"trajectories: no teacher checkpoint at {teacher_dir} (run the teacher stage first)")
-    rank, world_size = _join_ranks()
+    rank, world_size = join_ranks()
     identity = expected_manifest(recipe, teacher_dir, records)
     generation = {"batch_size": config.batch_size, "shards": config.shards, "seed": recipe.run.seed}
     manifest = {**identity, "generation": generation, "fewstep_version": __version__}
@@ -533,13 +525,6 @@ def trajectories_command(recipe: Recipe) -> dict[str, Any]:
     split with `teacher.path`, else the run's own `<run.output_dir>/teacher`."""
     recipe.trajectories.check_canvas(recipe.data.max_response_tokens)
     out_dir = Path(recipe.run.output_dir)
-    rank, world_size = _join_ranks()
-    # Rank 0 generates and writes the data; the others load what it wrote.
-    if rank == 0:
-        datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
-    if world_size > 1:
-        dist.barrier()
-        if rank != 0:
-            datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+    datasets = prepare_datasets(recipe, out_dir)
     teacher_dir = recipe.teacher.path or out_dir / "teacher"
     return generate_trajectories(recipe, teacher_dir, training_records(recipe, datasets), out_dir)

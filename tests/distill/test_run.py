@@ -81,3 +81,51 @@ def test_eval_rejects_a_missing_checkpoint(tmp_path, capsys):
     code = main(["eval", "recipes/teacher-tiny.yaml", "--checkpoint", str(tmp_path / "nothing"), *TINY])
     assert code == 1
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_full_pipeline_teacher_trajectories_student_eval(tmp_path):
+    out = run_tiny(
+        tmp_path,
+        "pipeline",
+        "run.stages=[teacher, trajectories, distill, eval]",
+        "trajectories.block_length=8",
+        "trajectories.shards=2",
+        "trajectories.temperatures=[0.0]",
+        "train.max_steps=2",
+        "train.micro_batch_size=4",
+        "distill.curriculum.windows=[8, 24]",
+        "eval.rows=[teacher, ar-baseline, student]",
+    )
+    manifest = json.loads((out / "trajectories" / "manifest.json").read_text())
+    assert manifest["samples"] == 40
+    assert AutoModel.from_pretrained(out / "student") is not None
+    distill_metrics = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in distill_metrics][-1] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stage_seconds"]) == ["data", "teacher", "trajectories", "distill", "eval"]
+    assert {result["row"] for result in summary["results"]} == {"teacher", "ar-baseline", "student"}
+
+
+def test_stale_checkpoints_and_trajectories_from_another_teacher_are_refused(tmp_path, capsys):
+    out = run_tiny(
+        tmp_path,
+        "mismatch",
+        "run.stages=[teacher, trajectories]",
+        "trajectories.block_length=8",
+        "trajectories.temperatures=[0.0]",
+    )
+    args = ["run", "recipes/teacher-tiny.yaml", f"run.output_dir={out}", "run.cache_dir=null", *TINY]
+    changed = ["teacher.pretrain.diffusion.lr=0.01"]
+    # Another learning rate in the same directory: the diffusion phase's checkpoints belong to another config.
+    capsys.readouterr()
+    assert main(args + changed + ["run.stages=[teacher]"]) == 1
+    assert "written by a different configuration" in capsys.readouterr().err
+    # Retrained from scratch, the teacher's weights (hence its hash) change while the data stays the same...
+    changed.append("teacher.pretrain.diffusion.resume=never")
+    assert main(args + changed + ["run.stages=[teacher]"]) == 0
+    capsys.readouterr()
+    # ...so the old trajectory set no longer matches and distillation refuses it.
+    distill = ["run.stages=[distill]", "trajectories.block_length=8", "trajectories.temperatures=[0.0]"]
+    code = main(args + changed + distill + ["train.max_steps=1", "distill.curriculum.windows=[8]"])
+    err = capsys.readouterr().err
+    assert code == 1 and "trajectory manifest does not match" in err and "teacher_hash" in err

@@ -294,6 +294,16 @@ def test_resume_never_starts_over(tmp_path):
     assert checkpoint_steps(tmp_path) == [(3, True)]
 
 
+def test_resume_refuses_checkpoints_of_another_configuration(tmp_path):
+    make_trainer(tmp_path, max_steps=2, checkpoint_every=1).train()
+    # Resume-safe options may change (here the step budget and logging)...
+    assert make_trainer(tmp_path, max_steps=3, log_every=2).train()["resumed_from"] == 2
+    # ...an option that changes what the steps computed may not.
+    with pytest.raises(ValueError, match="written by a different configuration"):
+        make_trainer(tmp_path, max_steps=4, lr=0.5).train()
+    assert checkpoint_steps(tmp_path)[-1] == (3, True)
+
+
 @pytest.mark.skipif(LAUNCHED, reason="pytest itself runs under a launcher")
 def test_world_of_one_exports_no_rendezvous_variables(tmp_path):
     # A child process inheriting RANK / MASTER_PORT would take itself for a launched rank and collide with this

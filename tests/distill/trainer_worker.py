@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 if __package__ in (None, ""):
@@ -158,6 +159,11 @@ def main() -> None:
         except TrainingDiverged as error:
             message = str(error)
         (args.out / f"result-diverge-rank{rank}.json").write_text(json.dumps({"error": message}) + "\n")
+
+    # Leave the group explicitly: a process that exits with gloo's threads still running can abort at exit
+    # ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
