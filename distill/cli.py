@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from eval.report import load_report, merge_reports, score_report, write_report
+    from eval.report import aup_lines, load_report, merge_reports, score_report, write_report
 
     if len(args.run_dirs) > 1 and args.out is None:
         print("distill: error: --out is required when merging several reports", file=sys.stderr)
@@ -201,10 +201,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     # Merging also makes the per-sample log paths absolute, which a report written elsewhere needs.
     report = score_report(reports[0]) if in_place else merge_reports(reports)
     write_report(report, out_dir)
-    for entry in report["tasks"]:
-        for row in entry["rows"]:
-            aup = "n/a" if row["aup"] is None else f"{row['aup']:.2f}"
-            print(f"[report] {entry['task']:14s} {row['name']:20s} {row['decoder']:16s} AUP {aup}")
+    for line in aup_lines(report):
+        print(f"[report] {line}")
     print(f"[report] written to {out_dir}")
     return 0
 

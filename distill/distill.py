@@ -1,36 +1,56 @@
-"""Distillation of a student from pseudo-trajectories (d3LLM) on the one DeepSpeed trainer.
+"""Distillation of a student from its teacher on the one DeepSpeed trainer: d3LLM pseudo-trajectories or SDTT.
 
-load the frozen teacher -> load the trajectory set (refused unless its manifest matches) -> build the student
-(full copy or LoRA) -> train with the weighted loss terms of `distill.losses` on `TrajectoryBatches` -> save the
-student (LoRA merged) beside the teacher's tokenizer, so it loads like any checkpoint.
+load the frozen teacher -> build the student (full copy or LoRA) -> the run's batches and loss -> train -> save
+the student (LoRA merged) beside the teacher's tokenizer, so it loads like any checkpoint.
 
-The teacher here only lends its tokenizer, mask id and logit convention (`Teacher.with_model`): pseudo-trajectory
-terms need no teacher forward. It is never given to the student's DeepSpeed engine, so under ZeRO-3 it is not
-partitioned with the student.
+`distill.losses` chooses the kind of run:
+- trajectory terms (d3LLM): `TrajectoryBatches` built from a trajectory set (the run refuses one whose manifest
+  does not match), loss the weighted terms of `distillation_loss`. The teacher only lends its tokenizer, mask id
+  and logit convention (`Teacher.with_model`): pseudo-trajectory terms need no teacher forward.
+- `sdtt` (alone): the task training sequences (`SequencePool`, as teacher pretraining draws them: prompt,
+  reference response, answer padding) with the optimizer `step` added to each batch; the frozen teacher takes two
+  decoding steps per student forward (`distill.sdtt`) and `TeacherRounds` copies the student into it at each
+  round boundary, saving each round's teacher under `<out_dir>/distill/sdtt-rounds/` so a resume gets the
+  teacher of its round back.
+
+The teacher is a separate module that is never passed to `deepspeed.initialize`: only the student enters the
+engine, so under ZeRO-3 the student's parameters are partitioned and the teacher's stay ordinary full tensors
+on every rank. (SDTT, which copies the student into the teacher, refuses ZeRO-3 in the recipe.)
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from peft import PeftModel
 
 from distill.d3llm import Curriculum, TrajectoryBatches
+from distill.data import SequencePool, encode_records
 from distill.losses import certainty_forcing_loss, mask_tokens, masked_ce, masked_diffusion_loss
 from distill.recipe import LossTerm, Recipe
-from distill.trainer import LossFn, Trainer
+from distill.sdtt import TeacherRounds, sdtt_loss_fn
+from distill.trainer import BatchFn, LossFn, Trainer, init_distributed, latest_complete_checkpoint
+from distill.trajectories import data_hash, teacher_hash
 from students.build import build_student, freeze, merged_model, trainable_parameters
 from teachers.interface import Teacher, load_teacher, save_teacher
 
 # Lower bound of t for the `masked_diffusion` regulariser (as in teacher pretraining's default).
 MASK_EPS = 1e-3
+SDTT_ROUNDS_DIR = "sdtt-rounds"
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pseudo-trajectory runs (d3LLM)
 
 
 def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
@@ -77,18 +97,10 @@ def records_digest(records: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path) -> Path:
-    """Train the student on trajectory `records`; returns the saved student directory (`out_dir/student`)."""
-    teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
-    freeze(teacher.model)
-    student = build_student(teacher, recipe.student)
-    trainable, total = trainable_parameters(student)
-    if _rank() == 0:
-        print(f"[distill] student '{recipe.student.kind}': {trainable:,} of {total:,} parameters train")
-
-    config = recipe.train
-    curriculum = recipe.distill.curriculum
-    batches = TrajectoryBatches(
+def trajectory_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) -> TrajectoryBatches:
+    """d3LLM's curriculum batches over the trajectory `records` for this rank."""
+    config, curriculum = recipe.train, recipe.distill.curriculum
+    return TrajectoryBatches(
         records,
         micro_batch_size=config.micro_batch_size,
         total_batches=config.max_steps * config.gradient_accumulation_steps,
@@ -103,35 +115,150 @@ def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_
         seed=recipe.run.seed,
         rank=_rank(),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDTT runs
+
+
+def sdtt_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) -> BatchFn:
+    """Micro-batch `m` of the task training `records` (`SequencePool`) plus the optimizer `step` it belongs to,
+    `m // gradient_accumulation_steps` (the trainer's global micro-batch index), which picks the SDTT round."""
+    config = recipe.train
+    pool = SequencePool(
+        encode_records(teacher, records, recipe.data.max_response_tokens),
+        micro_batch_size=config.micro_batch_size,
+        max_response_tokens=recipe.data.max_response_tokens,
+        pad_id=teacher.pad_token_id,
+        seed=recipe.run.seed,
+        rank=_rank(),
+    )
+
+    def batch(index: int) -> dict:
+        return pool.batch(index) | {"step": index // config.gradient_accumulation_steps}
+
+    return batch
+
+
+def sdtt_distillation_loss(teacher: Teacher, rounds: TeacherRounds, weight: float) -> LossFn:
+    """`sdtt_loss_fn` times the term's weight, its unweighted value logged as `sdtt`.
+
+    `TeacherRounds` copies a plain state dict into the teacher at a round boundary, so a LoRA student is first
+    merged into a throwaway copy (the student itself keeps training its adapters)."""
+    loss_fn = sdtt_loss_fn(teacher, rounds)
+
+    def weighted(model, batch, generator):
+        step = int(batch["step"])
+        module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+        if isinstance(module, PeftModel) and rounds.schedule(step).round not in (rounds.round, 0):
+            rounds.update(step, merged_model(copy.deepcopy(module)))
+        loss, metrics = loss_fn(model, batch, generator)
+        return weight * loss, {"sdtt": loss.item(), **metrics}
+
+    return weighted
+
+
+def prune_stale_rounds(rounds_dir: Path, checkpoint_dir: Path, resume: str) -> None:
+    """Delete saved round teachers the coming run must not reuse: those of rounds starting after the checkpoint it
+    resumes from (all of them on a fresh start), so the student reaching that boundary is copied anew."""
+    latest = latest_complete_checkpoint(checkpoint_dir) if resume == "auto" else None
+    resumed_step = latest[0] if latest else 0
+    for saved in sorted(Path(rounds_dir).glob("round-*")):
+        try:
+            first_step = json.loads((saved / "round.json").read_text())["first_step"]
+        except (OSError, ValueError, KeyError):
+            first_step = None  # an interrupted save
+        if first_step is None or first_step > resumed_step:
+            shutil.rmtree(saved, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def build_distillation(
+    recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path
+) -> tuple[Teacher, Trainer]:
+    """The frozen teacher and the student's trainer for the `distill` phase in `out_dir/distill`, not yet run.
+
+    `records` are trajectory records (`prompt_ids`, `target_ids`, `order`) for a trajectory run, or the task
+    training records (`id`, `prompt`, `response`) for an `sdtt` run.
+    """
+    # Join the launcher's process group before building batches: each rank draws its own.
+    init_distributed()
+    teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
+    freeze(teacher.model)
+    # LoRA adapters are drawn from the global RNG: seed it so every rank and every rerun builds the same student.
+    torch.manual_seed(recipe.run.seed)
+    student = build_student(teacher, recipe.student)
+    trainable, total = trainable_parameters(student)
+    if _rank() == 0:
+        print(f"[distill] student '{recipe.student.kind}': {trainable:,} of {total:,} parameters train")
+
+    phase_dir = out_dir / "distill"
+    identity = {
+        "student": recipe.student.model_dump(mode="json"),
+        "distill": recipe.distill.model_dump(mode="json"),
+        "seed": recipe.run.seed,
+    }
+    rounds = None
+    if recipe.distill.is_sdtt:
+        batch_fn = sdtt_batches(recipe, teacher, records)
+        rounds = TeacherRounds(teacher, recipe.targets, phase_dir / SDTT_ROUNDS_DIR, rank=_rank())
+        (term,) = recipe.distill.losses
+        loss_fn = sdtt_distillation_loss(teacher, rounds, term.weight)
+        # The teacher's weights and the task sequences, where a trajectory run has the trajectories.
+        identity.update(
+            teacher=teacher_hash(teacher_dir),
+            records=data_hash(records),
+            targets=recipe.targets.model_dump(mode="json"),
+            canvas=recipe.data.max_response_tokens,
+        )
+    else:
+        batch_fn = trajectory_batches(recipe, teacher, records).batch
+        loss_fn = distillation_loss(teacher, recipe.distill.losses)
+        # The trajectories themselves (not their path): another teacher gives other orders.
+        identity["trajectories"] = records_digest(records)
     trainer = Trainer(
         student,
-        config,
-        out_dir / "distill",
-        distillation_loss(teacher, recipe.distill.losses),
-        batches.batch,
+        recipe.train,
+        phase_dir,
+        loss_fn,
+        batch_fn,
         run_name=f"{recipe.run.name}-distill",
         logging=recipe.logging,
         seed=recipe.run.seed,
         phase="distill",
-        fingerprint=json.dumps(
-            {
-                # The trajectories themselves (not their path): another teacher gives other orders.
-                "trajectories": records_digest(records),
-                "student": recipe.student.model_dump(mode="json"),
-                "distill": recipe.distill.model_dump(mode="json"),
-                "seed": recipe.run.seed,
-            },
-            sort_keys=True,
-        ),
+        fingerprint=json.dumps(identity, sort_keys=True),
     )
-    trainer.train()
+    if rounds is not None:
+        teacher.model.to(trainer.engine.device)  # the teacher runs forwards beside the student
+        if trainer.is_main:
+            prune_stale_rounds(rounds.rounds_dir, trainer.checkpoint_dir, recipe.train.resume)
+        dist.barrier()
+    return teacher, trainer
+
+
+def save_student(recipe: Recipe, teacher: Teacher, trainer: Trainer, out_dir: Path) -> Path:
+    """Gather the trained weights (collective: every rank calls it) and save the student, LoRA merged, as
+    `out_dir/student` from rank 0."""
     state = trainer.full_state_dict()
     student_dir = out_dir / "student"
-    if _rank() == 0:
+    if trainer.is_main:
+        student = trainer.model
+        if any(hasattr(parameter, "ds_id") for parameter in student.parameters()):
+            # ZeRO-3 leaves the engine's module partitioned: load the gathered weights into a fresh copy.
+            student = build_student(teacher, recipe.student)
         student.load_state_dict(state)
         student = merged_model(student)
         student.eval()
         save_teacher(teacher.with_model(student), student_dir)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
     return student_dir
+
+
+def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path) -> Path:
+    """Train the student (see `build_distillation` for `records`); returns the saved `out_dir/student`."""
+    teacher, trainer = build_distillation(recipe, teacher_dir, records, out_dir)
+    trainer.train()
+    return save_student(recipe, teacher, trainer, out_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -51,7 +51,8 @@ class RunConfig(Section):
     - `seed`: seeds data generation, initialisation, masking and sampling.
     - `stages`: pipeline stages in order: `teacher` (pretrain or load the teacher), `trajectories` (the teacher
       decodes the training prompts one token per forward and records the order; see `TrajectoriesConfig`),
-      `distill` (train the student on the trajectory set; see `StudentConfig`, `DistillConfig`, `train`),
+      `distill` (train the student on the trajectory set, or with an `sdtt` loss on the task training
+      sequences; see `StudentConfig`, `DistillConfig`, `TargetsConfig`, `train`),
       `eval` (decode the eval split and score it).
     - `cache_dir`: where pretrained teachers are cached by the hash of their recipe sections so a later run with
       the same teacher + data reuses them; null disables the cache.
@@ -77,6 +78,138 @@ class RunConfig(Section):
 # Parameters that control optimisation (used by teacher pretraining phases and by distillation)
 
 
+# DeepSpeed profiles (`train.deepspeed: zero2_offload`) live in the source tree beside the packages, not inside
+# one (recipes/ is not a package): <repository>/recipes/deepspeed/<name>.json.
+DEEPSPEED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
+AUTO = "auto"
+# DeepSpeed fields that fewstep owns -> the TrainConfig field each follows ("auto" is filled from it, a number
+# must agree with it); None: left to DeepSpeed, which derives it.
+DEEPSPEED_AUTO_FIELDS: dict[str, str | None] = {
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "train_batch_size": None,
+    "gradient_clipping": "grad_clip",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+    "zero_optimization.stage": "zero_stage",
+}
+_DEEPSPEED_OWNER_FIELDS = {field for field in DEEPSPEED_AUTO_FIELDS.values() if field is not None}
+_MISSING = object()
+
+
+def deepspeed_profiles() -> list[str]:
+    """Names of the DeepSpeed profiles shipped in `recipes/deepspeed/`."""
+    return sorted(path.stem for path in DEEPSPEED_PROFILES_DIR.glob("*.json"))
+
+
+def _is_profile_name(value: str) -> bool:
+    return not value.endswith(".json") and "/" not in value
+
+
+def load_deepspeed_file(value: str) -> dict[str, Any]:
+    """The DeepSpeed config a `train.deepspeed` string names: a profile name or a JSON file (one-line ValueError)."""
+    path = DEEPSPEED_PROFILES_DIR / f"{value}.json" if _is_profile_name(value) else Path(value)
+    if not path.is_file():
+        if _is_profile_name(value):
+            raise ValueError(
+                f"unknown DeepSpeed profile '{value}' (profiles: {', '.join(deepspeed_profiles())}; "
+                "or give the path of a .json file)"
+            )
+        raise ValueError(f"DeepSpeed config file not found: {path}")
+    try:
+        tree = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object, got {type(tree).__name__}")
+    return tree
+
+
+def _dotted_get(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _dotted_leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    leaves = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves += _dotted_leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
+
+
+def _deepspeed_owned_values(fields: dict[str, Any]) -> dict[str, Any]:
+    """The value of every owned DeepSpeed field given TrainConfig `fields` (None: DeepSpeed derives it)."""
+    return {
+        "train_micro_batch_size_per_gpu": fields["micro_batch_size"],
+        "gradient_accumulation_steps": fields["gradient_accumulation_steps"],
+        "train_batch_size": None,
+        "gradient_clipping": fields["grad_clip"],
+        "bf16.enabled": fields["precision"] == "bf16",
+        "fp16.enabled": False,
+        "zero_optimization.stage": fields["zero_stage"],
+    }
+
+
+def fill_deepspeed_auto(tree: dict[str, Any], values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A copy of `tree` with every `"auto"` replaced by `values[dotted key]` (`TrainConfig.deepspeed_auto_values`);
+    a None value drops the key."""
+    filled: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            filled[key] = fill_deepspeed_auto(value, values, f"{dotted}.")
+        elif value == AUTO:
+            if values[dotted] is not None:
+                filled[key] = values[dotted]
+        else:
+            filled[key] = value
+    return filled
+
+
+def check_deepspeed_config(tree: dict[str, Any], fields: dict[str, Any] | None) -> None:
+    """Reject what fewstep cannot run from a `train.deepspeed` config (one-line ValueError):
+    `optimizer` / `scheduler` sections, `"auto"` outside `DEEPSPEED_AUTO_FIELDS`, owned fields that disagree with
+    the TrainConfig `fields` (skipped when None) and parameter offload below ZeRO stage 3."""
+    for section in ("optimizer", "scheduler"):
+        if section in tree:
+            raise ValueError(
+                f"remove '{section}': fewstep builds AdamW and its schedule from lr, betas, weight_decay, "
+                "warmup_steps and lr_schedule"
+            )
+    for dotted, value in _dotted_leaves(tree):
+        if value == AUTO and dotted not in DEEPSPEED_AUTO_FIELDS:
+            raise ValueError(
+                f"'{dotted}' is \"auto\", which fewstep does not fill (it fills {', '.join(DEEPSPEED_AUTO_FIELDS)})"
+            )
+    if fields is None:
+        return
+    owned = _deepspeed_owned_values(fields)
+    stage = _dotted_get(tree, "zero_optimization.stage")
+    if stage not in (_MISSING, AUTO) and stage != fields["zero_stage"]:
+        raise ValueError(
+            f"zero_optimization.stage is {stage!r} but zero_stage is {fields['zero_stage']}; the DeepSpeed "
+            f"config decides the stage: set zero_stage to {stage!r} or leave it out"
+        )
+    for dotted, wanted in owned.items():
+        have = _dotted_get(tree, dotted)
+        if wanted is None or have in (_MISSING, AUTO) or dotted == "zero_optimization.stage" or have == wanted:
+            continue
+        field = DEEPSPEED_AUTO_FIELDS[dotted]
+        raise ValueError(
+            f'{dotted} is {have!r} but {field} is {fields[field]!r}; set {field} instead (or write "auto")'
+        )
+    offload_param = _dotted_get(tree, "zero_optimization.offload_param")
+    if offload_param is not _MISSING and fields["zero_stage"] != 3:
+        raise ValueError(f"zero_optimization.offload_param needs ZeRO stage 3, zero_stage is {fields['zero_stage']}")
+
+
 class TrainConfig(Section):
     """One training phase on the DeepSpeed trainer.
 
@@ -87,8 +220,21 @@ class TrainConfig(Section):
       or `linear` decay down to `min_lr_ratio` x lr.
     - `weight_decay`, `betas`: AdamW settings. `grad_clip`: max global grad norm, 0 disables clipping.
     - `precision`: `fp32` or `bf16` (DeepSpeed bf16 mode; fp16 is not offered: unsupported on CPU).
-    - `zero_stage`: DeepSpeed ZeRO stage 0 (plain DDP), 1, 2 or 3.
-    - `deepspeed`: extra DeepSpeed config entries merged over the generated config (e.g. offload settings).
+    - `zero_stage`: DeepSpeed ZeRO stage 0 (plain DDP), 1, 2 or 3. When `deepspeed` names a stage, that stage
+      rules: `zero_stage` must equal it, and a recipe that leaves `zero_stage` out takes it from there.
+    - `deepspeed`: DeepSpeed config entries deep-merged over the config generated from this section. Either a
+      mapping, or a string read when the recipe loads (its JSON then replaces the string, so the resolved recipe
+      holds the exact config): a profile name (`zero1`, `zero2`, `zero2_offload` (d3LLM's: ZeRO-2 with the
+      optimizer offloaded to CPU), `zero3`, `zero3_offload` (parameters offloaded too); the files
+      `recipes/deepspeed/<name>.json` of the fewstep source tree, found beside the `distill` package, so they
+      need a source or editable install) or a path to a JSON file (any string ending in `.json` or holding a
+      `/`; relative to the working directory). The value `"auto"` is filled from this section:
+      `train_micro_batch_size_per_gpu` (micro_batch_size), `gradient_accumulation_steps`, `gradient_clipping`
+      (grad_clip), `bf16.enabled` (precision), `fp16.enabled` (false), `zero_optimization.stage` (zero_stage),
+      `train_batch_size` (left to DeepSpeed: micro x accumulation x ranks); `"auto"` anywhere else is an error.
+      A number given to one of those fields must agree with this section, and `optimizer` / `scheduler` entries
+      are refused: fewstep's AdamW and schedule come from `lr`, `betas`, `weight_decay` and the schedule fields.
+      `zero_optimization.offload_param` needs ZeRO stage 3.
     - `gradient_checkpointing`: recompute activations in backward to save memory.
     - `checkpoint_every`: save a resumable checkpoint every N optimizer steps (0: only at the end).
     - `keep_last`: resumable checkpoints kept on disk.
@@ -108,12 +254,38 @@ class TrainConfig(Section):
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 0
-    deepspeed: dict[str, Any] = {}
+    deepspeed: dict[str, Any] | str = {}
     gradient_checkpointing: bool = False
     checkpoint_every: NonNegativeInt = 0
     keep_last: PositiveInt = 2
     resume: Literal["auto", "never"] = "auto"
     log_every: PositiveInt = 10
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zero_stage_from_deepspeed(cls, data: Any) -> Any:
+        # The DeepSpeed config decides the ZeRO stage: a recipe that leaves zero_stage out takes it from there.
+        if not isinstance(data, dict) or "zero_stage" in data or not data.get("deepspeed"):
+            return data
+        try:
+            tree = load_deepspeed_file(data["deepspeed"]) if isinstance(data["deepspeed"], str) else data["deepspeed"]
+        except ValueError:
+            return data  # the `deepspeed` field reports it
+        section = tree.get("zero_optimization") if isinstance(tree, dict) else None
+        stage = section.get("stage") if isinstance(section, dict) else None
+        return {**data, "zero_stage": stage} if type(stage) is int else data
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _resolve_deepspeed(cls, value: dict[str, Any] | str, info: ValidationInfo) -> dict[str, Any]:
+        tree = load_deepspeed_file(value) if isinstance(value, str) else value
+        # Fields that failed their own validation are missing here; their own error is the one reported.
+        check_deepspeed_config(tree, info.data if all(name in info.data for name in _DEEPSPEED_OWNER_FIELDS) else None)
+        return tree
+
+    def deepspeed_auto_values(self) -> dict[str, Any]:
+        """What each `"auto"` DeepSpeed field becomes (dotted keys); None leaves the field to DeepSpeed."""
+        return _deepspeed_owned_values(self.model_dump())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -692,12 +864,16 @@ class LossTerm(Section):
     - `kind`: `trajectory_ce` (CE on the window positions masked as the teacher's state, d3LLM),
       `complementary_ce` (CE with the window's mask inverted: a second forward), `certainty_forcing` (entropy of
       softmax(logits / temperature) on masked positions already predicted correctly, on every forward that
-      runs; dParallel), `masked_diffusion` (plain masked-diffusion CE on the reference tokens, a regulariser).
+      runs; dParallel), `masked_diffusion` (plain masked-diffusion CE on the reference tokens, a regulariser),
+      `sdtt` (self-distillation through time: the student's one forward matched to two steps of the frozen
+      teacher, with the divergence, dt and rounds of `targets`). `sdtt` trains on the task training sequences
+      (prompt, reference response, answer padding; the response is masked by the loss itself), not on a
+      trajectory set, so it is the only term of its run and its `distill` stage needs no `trajectories` stage.
     - `weight`: multiplier of the term.
     - `temperature`: softmax temperature of `certainty_forcing` (0.5 in dParallel/d3LLM); unused by other kinds.
     """
 
-    kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion"]
+    kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion", "sdtt"]
     weight: PositiveFloat = 1.0
     temperature: PositiveFloat = 0.5
 
@@ -729,7 +905,7 @@ class DistillConfig(Section):
 
     - `losses`: weighted terms summed into the loss; the default is d3LLM's
       `[CE(m) + CE(not m) + lambda * (H(m) + H(not m))] / 4` with lambda = 1.
-    - `curriculum`: mask-ratio floor and window schedule.
+    - `curriculum`: mask-ratio floor and window schedule (trajectory terms only; unused by `sdtt`).
     """
 
     losses: Annotated[list[LossTerm], Field(min_length=1)] = [
@@ -746,6 +922,22 @@ class DistillConfig(Section):
         if repeated:
             raise ValueError(f"each loss kind may appear once, repeated: {', '.join(repeated)}")
         return self
+
+    @field_validator("losses")
+    @classmethod
+    def _sdtt_alone(cls, losses: list[LossTerm]) -> list[LossTerm]:
+        others = [term.kind for term in losses if term.kind != "sdtt"]
+        if others and len(others) < len(losses):
+            raise ValueError(
+                "sdtt is the only term of its run (it trains on task sequences, the other terms on trajectories); "
+                f"remove {', '.join(others)}"
+            )
+        return losses
+
+    @property
+    def is_sdtt(self) -> bool:
+        """Whether this is an SDTT run (task sequences and teacher rounds) rather than a trajectory run."""
+        return any(term.kind == "sdtt" for term in self.losses)
 
 
 class ExportConfig(Section):
@@ -813,7 +1005,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _curriculum_windows_fit(self) -> Recipe:
-        if "distill" in self.run.stages:
+        if "distill" in self.run.stages and not self.distill.is_sdtt:
             canvas = self.data.max_response_tokens
             for window in self.distill.curriculum.windows:
                 if canvas % window:
@@ -821,6 +1013,16 @@ class Recipe(Section):
                         f"distill.curriculum.windows: window {window} does not divide the {canvas}-token canvas "
                         "(data.max_response_tokens)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _sdtt_keeps_full_replicas(self) -> Recipe:
+        # SDTT copies the student into the teacher at each round boundary, which needs the whole student on a rank.
+        if "distill" in self.run.stages and self.distill.is_sdtt and self.train.zero_stage == 3:
+            raise ValueError(
+                "train.zero_stage: sdtt copies the student into the teacher at each round boundary and needs full "
+                "replicas; use ZeRO stage 0-2 (e.g. train.deepspeed=zero2_offload)"
+            )
         return self
 
     @model_validator(mode="after")

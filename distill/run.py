@@ -11,7 +11,7 @@ Each arrow is one named call under a comment header in `run`. Everything lands i
     pretrain-ar/, pretrain-diffusion/   trainer phases: checkpoints, metrics.jsonl, wandb
     trajectories/        the teacher's pseudo-trajectories (Arrow + manifest.json; `distill/trajectories.py`)
     trajectories-shards/ their shards, the unit of resume
-    distill/             the distillation phase: checkpoints, metrics.jsonl, wandb
+    distill/             the distillation phase: checkpoints, metrics.jsonl, wandb (SDTT: sdtt-rounds/)
     student/             the distilled student (LoRA merged), loads like the teacher
     eval/report.{json,md,html}, eval/report-<task>.png   the AUP report (`eval/report.py` has the JSON schema)
     eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
@@ -32,7 +32,7 @@ from distill.ranks import prepare_datasets
 from distill.recipe import DecoderConfig, EvalDecoderConfig, Recipe, dump_recipe
 from distill.trajectories import expected_manifest, generate_trajectories, load_trajectories, training_records
 from eval.evaluate import evaluate_records, write_sample_log
-from eval.report import hardware_name, new_report, write_report
+from eval.report import aup_lines, hardware_name, new_report, write_report
 from teachers.interface import load_teacher
 
 
@@ -219,10 +219,8 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
         recipe_hash=recipe.section_hash(*type(recipe).model_fields),
     )
     write_report(report, out_dir)
-    for entry in report["tasks"]:
-        for row in entry["rows"]:
-            aup = "n/a" if row["aup"] is None else f"{row['aup']:.2f}"
-            print(f"[eval] AUP {entry['task']:14s} {row['name']:12s} {row['decoder']:16s} {aup}")
+    for line in aup_lines(report):
+        print(f"[eval] {line}")
     print(f"[eval] report: {out_dir / 'report.md'}")
     return report
 
@@ -281,10 +279,15 @@ def run(recipe: Recipe) -> dict:
 
         began = time.perf_counter()
         teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
-        records = training_records(recipe, datasets)
-        # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
-        trajectories = load_trajectories(out_dir / "trajectories", **expected_manifest(recipe, teacher_dir, records))
-        checkpoints["student"] = distill_student(recipe, teacher_dir, trajectories.to_list(), out_dir)
+        if recipe.distill.is_sdtt:
+            # SDTT trains on the task sequences themselves: no trajectory set is read.
+            records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
+        else:
+            records = training_records(recipe, datasets)
+            # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
+            manifest = expected_manifest(recipe, teacher_dir, records)
+            records = load_trajectories(out_dir / "trajectories", **manifest).to_list()
+        checkpoints["student"] = distill_student(recipe, teacher_dir, records, out_dir)
         stage_seconds["distill"] = time.perf_counter() - began
 
     # ---- evaluation ---------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
-from distill.recipe import LoggingConfig, TrainConfig  # noqa: E402
+from distill.recipe import LoggingConfig, TrainConfig, fill_deepspeed_auto  # noqa: E402
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 BatchFn = Callable[[int], dict[str, torch.Tensor]]
@@ -106,7 +106,8 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config for a training phase: generated from `config`, then `config.deepspeed` merged over it."""
+    """The DeepSpeed config for a training phase: generated from `config`, then `config.deepspeed` (a resolved
+    profile, file or mapping, its `"auto"` fields filled from `config`) merged over it."""
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -122,7 +123,7 @@ def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     }
     if config.grad_clip > 0:
         generated["gradient_clipping"] = config.grad_clip
-    return deep_merge(generated, config.deepspeed)
+    return deep_merge(generated, fill_deepspeed_auto(config.deepspeed, config.deepspeed_auto_values()))
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:

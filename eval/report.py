@@ -182,6 +182,16 @@ def merge_reports(reports: list[dict]) -> dict:
 # Rendering
 
 
+def aup_lines(report: dict) -> list[str]:
+    """One console line per task x row x decoder with its AUP (what `distill eval` and `distill report` print)."""
+    lines = []
+    for entry in report["tasks"]:
+        for row in entry["rows"]:
+            aup = "n/a" if row["aup"] is None else f"{row['aup']:.2f}"
+            lines.append(f"AUP {entry['task']:14s} {row['name']:20s} {row['decoder']:16s} {aup}")
+    return lines
+
+
 def _row_label(row: dict) -> str:
     return f"{row['name']} · {row['decoder']}"
 

@@ -107,6 +107,16 @@ MALFORMED = [
     ("duplicate-row", MINIMAL, ["eval.checkpoints=[{name: teacher, path: x}]"], "row names must be unique"),
     ("duplicate-decoder", MINIMAL, ["eval.decoders=[{name: low_confidence}]"], "decoder labels must be unique"),
     ("bad-alpha", MINIMAL, ["eval.alpha=0"], "eval.alpha"),
+    ("deepspeed-unknown-profile", MINIMAL, ["train.deepspeed=zero9"], "train.deepspeed: Value error, unknown"),
+    ("deepspeed-missing-file", MINIMAL, ["train.deepspeed=ds/none.json"], "train.deepspeed: Value error, DeepSpeed"),
+    # The recipe file itself, read as JSON (the test runs in the recipe's folder).
+    ("deepspeed-invalid-json", MINIMAL, ["train.deepspeed=./recipe.yaml"], "invalid JSON at line 1"),
+    ("deepspeed-stage-mismatch", MINIMAL, ["train.deepspeed=zero3", "train.zero_stage=1"], "but zero_stage is 1"),
+    ("deepspeed-unknown-auto", MINIMAL, ["train.deepspeed={steps_per_print: auto}"], "'steps_per_print' is \"auto\""),
+    ("deepspeed-optimizer", MINIMAL, ["train.deepspeed={optimizer: {type: Adam}}"], "remove 'optimizer'"),
+    ("deepspeed-batch", MINIMAL, ["train.deepspeed={gradient_accumulation_steps: 4}"], "set gradient_accumulation"),
+    ("sdtt-mixed", MINIMAL, ["distill.losses=[{kind: sdtt}, {kind: trajectory_ce}]"], "distill.losses"),
+    ("sdtt-zero3", MINIMAL, ["run.stages=[distill]", "distill.losses=[{kind: sdtt}]", "train.zero_stage=3"], "sdtt"),
 ]
 
 

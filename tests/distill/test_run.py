@@ -129,3 +129,31 @@ def test_stale_checkpoints_and_trajectories_from_another_teacher_are_refused(tmp
     code = main(args + changed + distill + ["train.max_steps=1", "distill.curriculum.windows=[8]"])
     err = capsys.readouterr().err
     assert code == 1 and "trajectory manifest does not match" in err and "teacher_hash" in err
+
+
+def test_quickstart_recipe_runs_every_stage_for_a_few_steps(tmp_path):
+    out = tmp_path / "quickstart"
+    args = ["run", "recipes/quickstart.yaml", f"run.output_dir={out}", f"run.cache_dir={tmp_path / 'cache'}", *TINY]
+    assert main(args + ["train.max_steps=2", "train.micro_batch_size=4", "trajectories.shards=2"]) == 0
+    assert json.loads((out / "trajectories" / "manifest.json").read_text())["samples"] == 40
+    assert json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stage_seconds"]) == ["data", "teacher", "trajectories", "distill", "eval"]
+    points = {(result["row"], result["decoder"]) for result in summary["results"]}
+    assert {("student", "confident"), ("student", "multi_block"), ("teacher", "confident")} <= points
+
+
+def test_sdtt_recipe_distills_without_trajectories_across_a_round_boundary(tmp_path):
+    out = tmp_path / "sdtt"
+    args = ["run", "recipes/sdtt-tiny.yaml", f"run.output_dir={out}", f"run.cache_dir={tmp_path / 'cache'}", *TINY]
+    assert (
+        main(args + ["train.max_steps=2", "train.log_every=1", "train.micro_batch_size=4", "targets.steps_per_round=1"])
+        == 0
+    )
+    assert not (out / "trajectories").exists()
+    lines = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["sdtt_round"], line["sdtt_teacher_steps"]) for line in lines] == [(0, 32), (1, 16)]
+    assert (out / "distill" / "sdtt-rounds" / "round-01" / "round.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {result["knob"] for result in summary["results"] if result["row"] == "student"}
+    assert steps == {2, 3, 4, 6, 8, 12, 24}

@@ -1,0 +1,153 @@
+"""Runs d3LLM distillation phases (`distill.distill`) on a tiny teacher for the DeepSpeed tests, under torchrun.
+
+`torchrun --nproc_per_node 2 -m tests.distill.distill_worker --teacher T --out O ...` builds tiny trajectory
+records itself and, in one process group:
+- `--combos zero1-full zero3-lora ...`: one phase per combination of ZeRO stage (the shipped profile; for ZeRO-3
+  with `stage3_param_persistence_threshold: 0`, so even the tiny model's parameters are really partitioned) and
+  student kind, `--max-steps` steps each, in `O/<combo>`. After the engine is built it checks that the teacher's
+  parameters are ordinary full tensors, equal to the checkpoint's, while the student's are partitioned under
+  ZeRO-3. Writes `result-<combo>-rank<r>.json` (summary, those checks) and `full-<combo>.pt` (rank 0's gathered
+  weights); the student is saved in `O/<combo>/student`.
+- `--nan-on-rank R`: a phase `O/nan` (ZeRO-2, checkpoint every 2 steps) whose loss is NaN at step 3 on rank R
+  only; writes `result-nan-rank<r>.json` with the `TrainingDiverged` message of each rank.
+- `--resumable NAME`: one resumable phase `O/NAME` (ZeRO-2 with CPU optimizer offload, LoRA, a checkpoint every step,
+  constant learning rate) of `RESUMABLE_STEPS` steps; `--step-delay` seconds of sleep per micro-batch give a test
+  time to kill it. Writes `full-NAME.pt` and `result-NAME-rank<r>.json` when it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from distill.distill import build_distillation, save_student  # noqa: E402
+from distill.recipe import Recipe, load_deepspeed_file, validate_tree  # noqa: E402
+from distill.trainer import TrainingDiverged  # noqa: E402
+from teachers.interface import load_teacher  # noqa: E402
+from tests.distill.trainer_worker import nan_at_call  # noqa: E402
+
+CANVAS = 8
+RESUMABLE_STEPS = 6
+
+
+def trajectory_records(teacher_dir: Path, count: int = 8) -> list[dict]:
+    """Trajectory records of `count` additions: reference answers pad-filled to the canvas, left-to-right order."""
+    teacher = load_teacher("tiny", teacher_dir)
+    records = []
+    for index in range(count):
+        answer = teacher.encode_response(str(2 * index))
+        records.append(
+            {
+                "sample_id": f"s{index}",
+                "prompt_ids": teacher.encode_prompt(f"{index}+{index}="),
+                "target_ids": answer + [teacher.pad_token_id] * (CANVAS - len(answer)),
+                "order": list(range(CANVAS)),
+            }
+        )
+    return records
+
+
+def distill_recipe(teacher_dir: Path, out: Path, kind: str, train: dict) -> Recipe:
+    return validate_tree(
+        {
+            "run": {"name": "worker", "output_dir": str(out)},
+            "teacher": {"path": str(teacher_dir)},
+            "data": {"tasks": [{"name": "addition"}], "max_response_tokens": CANVAS},
+            "student": {"kind": kind, "lora": {"r": 4, "alpha": 8}},
+            "distill": {"curriculum": {"windows": [4, 8]}},
+            "train": {"micro_batch_size": 2, "lr": 1e-2, "lr_schedule": "constant", "log_every": 1, **train},
+            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        }
+    )
+
+
+def zero_profile(stage: int) -> str | dict:
+    if stage < 3:
+        return f"zero{stage}"
+    profile = load_deepspeed_file("zero3")
+    profile["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--combos", nargs="*", default=[])
+    parser.add_argument("--max-steps", type=int, default=2)
+    parser.add_argument("--nan-on-rank", type=int, default=None)
+    parser.add_argument("--resumable", default=None)
+    parser.add_argument("--step-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    records = trajectory_records(args.teacher)
+    checkpoint_teacher = load_teacher("tiny", args.teacher).model.state_dict()
+
+    for combo in args.combos:
+        stage, kind = int(combo.split("-")[0].removeprefix("zero")), combo.split("-")[1]
+        recipe = distill_recipe(
+            args.teacher, args.out / combo, kind, {"max_steps": args.max_steps, "deepspeed": zero_profile(stage)}
+        )
+        teacher, trainer = build_distillation(recipe, args.teacher, records, args.out / combo)
+        teacher_full = all(not hasattr(parameter, "ds_id") for parameter in teacher.model.parameters()) and all(
+            torch.equal(value, checkpoint_teacher[name]) for name, value in teacher.model.state_dict().items()
+        )
+        student_partitioned = any(
+            hasattr(parameter, "ds_tensor") and parameter.ds_tensor.numel() < parameter.ds_numel
+            for parameter in trainer.model.parameters()
+        )
+        summary = trainer.train()
+        full = trainer.full_state_dict()
+        if full is not None:
+            torch.save(full, args.out / f"full-{combo}.pt")
+        save_student(recipe, teacher, trainer, args.out / combo)
+        result = {
+            "world_size": trainer.world_size,
+            "summary": summary,
+            "teacher_full": teacher_full,
+            "student_partitioned": student_partitioned,
+        }
+        (args.out / f"result-{combo}-rank{rank}.json").write_text(json.dumps(result) + "\n")
+
+    if args.nan_on_rank is not None:
+        train = {"max_steps": 4, "zero_stage": 2, "checkpoint_every": 2}
+        recipe = distill_recipe(args.teacher, args.out, "full", train)
+        _, trainer = build_distillation(recipe, args.teacher, records, args.out / "nan")
+        if rank == args.nan_on_rank:
+            trainer.loss_fn = nan_at_call(trainer.loss_fn, 3)
+        try:
+            trainer.train()
+            message = None
+        except TrainingDiverged as error:
+            message = str(error)
+        (args.out / f"result-nan-rank{rank}.json").write_text(json.dumps({"error": message}) + "\n")
+
+    if args.resumable is not None:
+        train = {"max_steps": RESUMABLE_STEPS, "deepspeed": "zero2_offload", "checkpoint_every": 1}
+        recipe = distill_recipe(args.teacher, args.out, "lora", train)
+        _, trainer = build_distillation(recipe, args.teacher, records, args.out / args.resumable)
+        batch_fn = trainer.batch_fn
+
+        def slow_batch(index: int) -> dict:
+            time.sleep(args.step_delay)
+            return batch_fn(index)
+
+        trainer.batch_fn = slow_batch
+        summary = trainer.train()
+        full = trainer.full_state_dict()
+        if full is not None:
+            torch.save(full, args.out / f"full-{args.resumable}.pt")
+        (args.out / f"result-{args.resumable}-rank{rank}.json").write_text(json.dumps({"summary": summary}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
