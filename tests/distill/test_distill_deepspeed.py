@@ -26,9 +26,8 @@ from distill.recipe import validate_tree
 from distill.trainer import checkpoint_tag, list_checkpoints
 from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
 from tests.distill.distill_worker import RESUMABLE_STEPS
+from tests.launch import REPO, child_env, run_launched
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 COMBOS = [f"zero{stage}-{kind}" for kind in ("full", "lora") for stage in (1, 2, 3)]
 
 
@@ -45,16 +44,8 @@ def torchrun(teacher_dir: Path, out: Path, *args: str) -> list[str]:
     return command + ["-m", "tests.distill.distill_worker", "--teacher", str(teacher_dir), "--out", str(out), *args]
 
 
-def launcher_env(out: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    env["TORCH_EXTENSIONS_DIR"] = str(out / "torch_extensions")  # must stay empty: nothing is compiled
-    return env
-
-
 def run_workers(command: list[str], out: Path) -> None:
-    done = subprocess.run(command, cwd=REPO, env=launcher_env(out), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    run_launched(command, out, timeout=600)
 
 
 def losses(phase_dir: Path) -> list[float]:
@@ -114,7 +105,7 @@ def test_sigkill_mid_distillation_then_resume_reproduces_the_uninterrupted_run(t
     workers = subprocess.Popen(
         command + ["--step-delay", "1.0"],
         cwd=REPO,
-        env=launcher_env(tmp_path),
+        env=child_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

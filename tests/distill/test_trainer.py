@@ -13,8 +13,6 @@ import logging
 import math
 import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,9 +32,8 @@ from distill.trainer import (
     micro_step_seed,
 )
 from tests.distill.trainer_worker import make_batch_fn, masked_next_token_loss, nan_at_call, tiny_model
+from tests.launch import LAUNCHER_VARIABLES, free_port, run_launched
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STAGES = [0, 1, 2, 3]
 LAUNCHED = any(name in os.environ for name in LAUNCHER_VARIABLES if name != "LOCAL_RANK")
 
@@ -322,31 +319,6 @@ def test_zero_max_steps_skips_the_phase(tmp_path):
 # Two ranks, under launchers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_launcher(command: list[str], out: Path) -> None:
-    """Run a launcher command from the repository root; it must exit cleanly and compile nothing."""
-    extensions = out / "torch_extensions"
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    env.update(
-        OMP_NUM_THREADS="1",
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        WANDB_DIR=str(out / "wandb"),
-        DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=str(extensions),
-        PYTHONPATH=str(REPO),
-    )
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    log = (done.stdout + done.stderr)[-6000:]
-    assert done.returncode == 0, log
-    assert not extensions.exists() or not any(extensions.iterdir()), f"a DeepSpeed op was compiled:\n{log}"
-
-
 WORKER = ["-m", "tests.distill.trainer_worker", "--max-steps", "4", "--distinct-batches", "1"]
 
 
@@ -355,7 +327,7 @@ def two_ranks(tmp_path_factory) -> Path:
     """One torchrun with two ranks: a phase per ZeRO stage, then a phase whose loss is NaN on rank 1 only."""
     out = tmp_path_factory.mktemp("two_ranks")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run_launcher(
+    run_launched(
         command + WORKER + ["--out", str(out), "--zero-stages", *map(str, STAGES), "--diverge-on-rank", "1"], out
     )
     return out
@@ -395,8 +367,8 @@ def test_deepspeed_launcher_two_ranks(tmp_path, two_ranks):
     launcher = Path(sys.executable).parent / "deepspeed"
     if not launcher.exists():
         pytest.skip("the deepspeed launcher script is not installed next to this Python")
-    command = [sys.executable, str(launcher), "--num_gpus", "2", "--master_port", str(_free_port())]
-    run_launcher(
+    command = [sys.executable, str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
+    run_launched(
         command + ["tests/distill/trainer_worker.py", *WORKER[2:], "--out", str(tmp_path), "--zero-stages", "1"],
         tmp_path,
     )

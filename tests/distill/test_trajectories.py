@@ -4,7 +4,6 @@ format, the manifest and storage checks, resume after SIGKILL and two ranks unde
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -35,9 +34,8 @@ from distill.trajectories import (
 )
 from eval.tasks import build_task_datasets, is_correct
 from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
+from tests.launch import REPO, child_env, run_launched
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CANVAS, BLOCK = 24, 8
 
 
@@ -74,12 +72,6 @@ def generate(tmp_path: Path, teacher_dir: Path, name: str = "run", **settings):
 def records_of(recipe) -> list[dict]:
     datasets = build_task_datasets(recipe.data, recipe.run.seed, Path(recipe.run.output_dir) / "data")
     return training_records(recipe, datasets)
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    return env
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +249,7 @@ def test_sigkill_three_times_then_resume_equals_uninterrupted_run(tmp_path, teac
 
     for kill in range(3):
         before = finished_shards()
-        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL)
+        process = subprocess.Popen(command, cwd=REPO, env=child_env(tmp_path), stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while finished_shards() <= before and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -267,8 +259,7 @@ def test_sigkill_three_times_then_resume_equals_uninterrupted_run(tmp_path, teac
         assert before < finished_shards() < SCALE["shards"], f"kill {kill} was not mid-run"
         assert not (out / SET_DIR).exists()
 
-    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_launched(command, tmp_path)
     resumed = load_from_disk(str(out / SET_DIR))
     assert resumed["sample_id"] == uninterrupted["sample_id"]
     assert resumed["order"] == uninterrupted["order"]
@@ -279,9 +270,7 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, teacher_dir, uninterr
     path = recipe_file(tmp_path, teacher_dir, **SCALE)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "distill.cli", "trajectories", str(path)]
-    env = subprocess_env() | {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    done = run_launched(command, tmp_path)
     assert done.stdout.count("[trajectories]") == 1  # rank 0 reports for both
     two_ranks = load_from_disk(str(tmp_path / "run" / SET_DIR))
     assert two_ranks.to_list() == uninterrupted.to_list()
