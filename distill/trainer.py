@@ -633,8 +633,22 @@ class Trainer:
 
     @contextmanager
     def _progress(self, first_step: int) -> Iterator[Callable[[int, float, float], None]]:
-        if not (self.is_main and self.logging.progress and sys.stdout.isatty()):
+        if not (self.is_main and self.logging.progress):
             yield lambda step, loss, tokens_per_s: None
+            return
+        if not sys.stdout.isatty():
+            # Logs and CI get about ten plain lines per phase instead of a redrawn bar.
+            every = max(1, self.config.max_steps // 10)
+
+            def report(step: int, loss: float, tokens_per_s: float) -> None:
+                if step % every == 0 or step == self.config.max_steps:
+                    print(
+                        f"[{self.phase}] step {step}/{self.config.max_steps}  loss {loss:.4f}  "
+                        f"{tokens_per_s:,.0f} tok/s",
+                        flush=True,
+                    )
+
+            yield report
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
