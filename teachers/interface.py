@@ -11,6 +11,7 @@ Decoders, data preparation and losses only ever talk to `Teacher`. It hides the 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,13 +247,9 @@ def save_teacher(teacher: Teacher, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     teacher.model.save_pretrained(tmp, safe_serialization=True)
     teacher.tokenizer.save_pretrained(tmp)
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
