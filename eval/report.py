@@ -244,29 +244,75 @@ def _header_lines(report: dict) -> list[str]:
     ]
 
 
+# Each table is defined once, as (header, numeric column flags, rows of cell strings), and rendered twice.
+SUMMARY_COLUMNS = (("row", False), ("decoder", False), ("AUP", True), ("best accuracy %", True), ("max TPF", True))
+POINT_COLUMNS = (
+    ("row", False),
+    ("decoder", False),
+    ("knob", False),
+    ("accuracy %", True),
+    ("TPF", True),
+    ("NFE", True),
+    ("tokens/s", True),
+    ("samples", True),
+)
+
+
+def _summary_rows(entry: dict) -> list[list[str]]:
+    rows = []
+    for row in entry["rows"]:
+        best = max(point["accuracy"] for point in row["points"])
+        fastest = max(point["tpf"] for point in row["points"])
+        aup = _number(row["aup"]) if row["aup"] is not None else f"— ({row['aup_error']})"
+        rows.append([row["name"], row["decoder"], aup, f"{best:.2f}", f"{fastest:.2f}"])
+    return rows
+
+
+def _point_rows(entry: dict) -> list[list[str]]:
+    return [
+        [
+            row["name"],
+            row["decoder"],
+            f"{row['knob_name']}={point['knob']}",
+            f"{point['accuracy']:.2f}",
+            f"{point['tpf']:.3f}",
+            f"{point['nfe']:.2f}",
+            f"{point['tokens_per_s']:.1f}",
+            str(point["samples"]),
+        ]
+        for row in entry["rows"]
+        for point in row["points"]
+    ]
+
+
+def _markdown_table(columns: tuple, rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |"]
+    lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in columns) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def _html_table(columns: tuple, rows: list[list[str]]) -> list[str]:
+    """The table as HTML parts: the header row, one part per row, the closing tag."""
+    header = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    parts = [f"<table><tr>{header}</tr>"]
+    for cells in rows:
+        tds = (
+            f"<td class=n>{html.escape(cell)}</td>" if numeric else f"<td>{html.escape(cell)}</td>"
+            for cell, (_, numeric) in zip(cells, columns, strict=True)
+        )
+        parts.append("<tr>" + "".join(tds) + "</tr>")
+    return parts + ["</table>"]
+
+
 def render_markdown(report: dict) -> str:
     lines = ["# fewstep evaluation report", ""]
     lines += [line + "  " for line in _header_lines(report)] + [""]
     for entry in report["tasks"]:
         lines += [f"## {entry['task']}", "", f"y_max = {_y_max_note(entry)}, α = {entry['alpha']}", ""]
-        lines += ["| row | decoder | AUP | best accuracy % | max TPF |", "|---|---|---:|---:|---:|"]
-        for row in entry["rows"]:
-            best = max(point["accuracy"] for point in row["points"])
-            fastest = max(point["tpf"] for point in row["points"])
-            aup = _number(row["aup"]) if row["aup"] is not None else f"— ({row['aup_error']})"
-            lines.append(f"| {row['name']} | {row['decoder']} | {aup} | {best:.2f} | {fastest:.2f} |")
+        lines += _markdown_table(SUMMARY_COLUMNS, _summary_rows(entry))
         lines += ["", f"![accuracy vs TPF on {entry['task']}](report-{entry['task']}.png)", ""]
-        lines += [
-            "| row | decoder | knob | accuracy % | TPF | NFE | tokens/s | samples |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for row in entry["rows"]:
-            for point in row["points"]:
-                lines.append(
-                    f"| {row['name']} | {row['decoder']} | {row['knob_name']}={point['knob']} | "
-                    f"{point['accuracy']:.2f} | {point['tpf']:.3f} | {point['nfe']:.2f} | "
-                    f"{point['tokens_per_s']:.1f} | {point['samples']} |"
-                )
+        lines += _markdown_table(POINT_COLUMNS, _point_rows(entry))
         lines.append("")
     return "\n".join(lines)
 
@@ -283,32 +329,11 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
     for entry in report["tasks"]:
         parts.append(f"<h2>{escape(entry['task'])}</h2>")
         parts.append(f"<p>y_max = {escape(_y_max_note(entry))}, α = {entry['alpha']}</p>")
-        parts.append("<table><tr><th>row</th><th>decoder</th><th>AUP</th><th>best accuracy %</th><th>max TPF</th></tr>")
-        for row in entry["rows"]:
-            best = max(point["accuracy"] for point in row["points"])
-            fastest = max(point["tpf"] for point in row["points"])
-            aup = _number(row["aup"]) if row["aup"] is not None else f"— ({row['aup_error']})"
-            parts.append(
-                f"<tr><td>{escape(row['name'])}</td><td>{escape(row['decoder'])}</td><td class=n>{escape(aup)}</td>"
-                f"<td class=n>{best:.2f}</td><td class=n>{fastest:.2f}</td></tr>"
-            )
-        parts.append("</table>")
+        parts += _html_table(SUMMARY_COLUMNS, _summary_rows(entry))
         if entry["task"] in plots:
             encoded = base64.b64encode(plots[entry["task"]]).decode()
             parts.append(f"<img alt='accuracy vs TPF' src='data:image/png;base64,{encoded}'>")
-        parts.append(
-            "<table><tr><th>row</th><th>decoder</th><th>knob</th><th>accuracy %</th><th>TPF</th><th>NFE</th>"
-            "<th>tokens/s</th><th>samples</th></tr>"
-        )
-        for row in entry["rows"]:
-            for point in row["points"]:
-                parts.append(
-                    f"<tr><td>{escape(row['name'])}</td><td>{escape(row['decoder'])}</td>"
-                    f"<td>{escape(row['knob_name'])}={point['knob']}</td><td class=n>{point['accuracy']:.2f}</td>"
-                    f"<td class=n>{point['tpf']:.3f}</td><td class=n>{point['nfe']:.2f}</td>"
-                    f"<td class=n>{point['tokens_per_s']:.1f}</td><td class=n>{point['samples']}</td></tr>"
-                )
-        parts.append("</table>")
+        parts += _html_table(POINT_COLUMNS, _point_rows(entry))
     parts.append("</body></html>")
     return "\n".join(parts)
 
