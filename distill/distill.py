@@ -33,9 +33,10 @@ from peft import PeftModel
 from distill.d3llm import Curriculum, TrajectoryBatches
 from distill.data import SequencePool, encode_records
 from distill.losses import certainty_forcing_loss, mask_tokens, masked_ce, masked_diffusion_loss
+from distill.ranks import current_rank
 from distill.recipe import LossTerm, Recipe
 from distill.sdtt import TeacherRounds, sdtt_loss_fn
-from distill.trainer import BatchFn, LossFn, Trainer, init_distributed, latest_complete_checkpoint
+from distill.trainer import BatchFn, LossFn, Trainer, latest_complete_checkpoint
 from distill.trajectories import data_hash, teacher_hash
 from students.build import build_student, freeze, merged_model, trainable_parameters
 from teachers.interface import Teacher, load_teacher, save_teacher
@@ -43,10 +44,6 @@ from teachers.interface import Teacher, load_teacher, save_teacher
 # Lower bound of t for the `masked_diffusion` regulariser (as in teacher pretraining's default).
 MASK_EPS = 1e-3
 SDTT_ROUNDS_DIR = "sdtt-rounds"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +110,7 @@ def trajectory_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) ->
         mask_token_id=teacher.mask_token_id,
         pad_token_id=teacher.pad_token_id,
         seed=recipe.run.seed,
-        rank=_rank(),
+        rank=current_rank(),
     )
 
 
@@ -131,7 +128,7 @@ def sdtt_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) -> Batch
         max_response_tokens=recipe.data.max_response_tokens,
         pad_id=teacher.pad_token_id,
         seed=recipe.run.seed,
-        rank=_rank(),
+        rank=current_rank(),
     )
 
     def batch(index: int) -> dict:
@@ -184,15 +181,13 @@ def build_distillation(
     `records` are trajectory records (`prompt_ids`, `target_ids`, `order`) for a trajectory run, or the task
     training records (`id`, `prompt`, `response`) for an `sdtt` run.
     """
-    # Join the launcher's process group before building batches: each rank draws its own.
-    init_distributed()
     teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
     freeze(teacher.model)
     # LoRA adapters are drawn from the global RNG: seed it so every rank and every rerun builds the same student.
     torch.manual_seed(recipe.run.seed)
     student = build_student(teacher, recipe.student)
     trainable, total = trainable_parameters(student)
-    if _rank() == 0:
+    if current_rank() == 0:
         print(f"[distill] student '{recipe.student.kind}': {trainable:,} of {total:,} parameters train")
 
     phase_dir = out_dir / "distill"
@@ -204,7 +199,7 @@ def build_distillation(
     rounds = None
     if recipe.distill.is_sdtt:
         batch_fn = sdtt_batches(recipe, teacher, records)
-        rounds = TeacherRounds(teacher, recipe.targets, phase_dir / SDTT_ROUNDS_DIR, rank=_rank())
+        rounds = TeacherRounds(teacher, recipe.targets, phase_dir / SDTT_ROUNDS_DIR, rank=current_rank())
         (term,) = recipe.distill.losses
         loss_fn = sdtt_distillation_loss(teacher, rounds, term.weight)
         # The teacher's weights and the task sequences, where a trajectory run has the trajectories.

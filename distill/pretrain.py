@@ -19,13 +19,10 @@ import torch.distributed as dist
 
 from distill.data import SequencePool, encode_records
 from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
+from distill.ranks import current_rank
 from distill.recipe import Recipe, TrainConfig
 from distill.trainer import RESUME_SAFE_FIELDS, Trainer
 from teachers.interface import Teacher, new_tiny_teacher, save_teacher
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def ar_loss(teacher: Teacher):
@@ -74,7 +71,7 @@ def _train_phase(
         max_response_tokens=recipe.data.max_response_tokens,
         pad_id=teacher.pad_token_id,
         seed=recipe.run.seed,
-        rank=_rank(),
+        rank=current_rank(),
     )
     trainer = Trainer(
         teacher.model,
@@ -90,7 +87,7 @@ def _train_phase(
     )
     trainer.train()
     state = trainer.full_state_dict()
-    if _rank() == 0:
+    if current_rank() == 0:
         teacher.model.load_state_dict(state)
 
 
@@ -104,7 +101,7 @@ def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -
 
     # ---- autoregressive phase -----------------------------------------------------------------------------
     _train_phase(teacher, recipe, spec.ar, "ar", ar_loss(teacher), examples, out_dir)
-    if _rank() == 0:
+    if current_rank() == 0:
         teacher.model.config.causal = True
         save_teacher(teacher, ar_dir)
         teacher.model.config.causal = False
@@ -112,7 +109,7 @@ def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -
     # ---- diffusion phase ----------------------------------------------------------------------------------
     loss_fn = diffusion_loss(teacher, spec.mask_eps, spec.loss_weighting)
     _train_phase(teacher, recipe, spec.diffusion, "diffusion", loss_fn, examples, out_dir)
-    if _rank() == 0:
+    if current_rank() == 0:
         save_teacher(teacher, teacher_dir)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -21,6 +21,12 @@ def join_ranks() -> tuple[int, int]:
     return 0, 1
 
 
+def current_rank() -> int:
+    """This process's rank. Joins the launcher's group first, so a stage that derives per-rank data from it is
+    right however it was entered (from `distill run` or called directly)."""
+    return join_ranks()[0]
+
+
 def prepare_datasets(recipe: Recipe, out_dir: Path) -> dict:
     """The recipe's task datasets under `out_dir/data`: rank 0 generates and writes them, the others then load
     what it wrote (concurrent writers would race on the same directories)."""
