@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from distill.files import write_atomically, write_json
 from distill.ranks import prepare_datasets
 from distill.recipe import DecoderConfig, EvalDecoderConfig, Recipe, dump_recipe
 from distill.trajectories import expected_manifest, generate_trajectories, load_trajectories, training_records
@@ -40,19 +41,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temp file + rename) so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
 def write_resolved_recipe(recipe: Recipe, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "recipe.yaml.tmp"
-    tmp.write_text(dump_recipe(recipe))
-    tmp.replace(out_dir / "recipe.yaml")
+    write_atomically(out_dir / "recipe.yaml", dump_recipe(recipe))
 
 
 # ----------------------------------------------------------------------------------------------------------------

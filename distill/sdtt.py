@@ -31,7 +31,6 @@ to run beside the student).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 from distill.decoding import confidence_of, sample_tokens, top_positions
+from distill.files import write_json
 from distill.losses import forward_kl, log_prob_mse, mask_tokens, reverse_kl, total_variation
 from distill.recipe import DecoderConfig, TargetsConfig
 from teachers.interface import Teacher, save_teacher
@@ -201,8 +201,7 @@ class TeacherRounds:
             if self.rank == 0:
                 save_teacher(self.teacher, saved)
                 record = {"first_step": first_step, **asdict(current)}
-                (saved / "round.json.tmp").write_text(json.dumps(record, indent=2) + "\n")
-                (saved / "round.json.tmp").replace(saved / "round.json")
+                write_json(saved / "round.json", record)
         else:
             raise FileNotFoundError(
                 f"sdtt: resuming at step {step} in round {current.round}, but that round's teacher ({saved}) was "

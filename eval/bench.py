@@ -11,7 +11,6 @@ changes). Hardware, threads, batch size and library versions are recorded beside
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from distill.decoding import decode
+from distill.files import write_json
 from distill.recipe import DecoderConfig, Recipe
 from eval.report import hardware_name, library_versions
 from eval.tasks import build_task_datasets, is_correct
@@ -120,10 +120,7 @@ def run_decode_bench(
         "results": results,
     }
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out_path)
+    write_json(out_path, payload)
     for result in results:
         print(
             f"[bench] {result['decoder']:16s} cache={result['cache']:6s} median {result['median_s'] * 1000:8.1f} ms  "

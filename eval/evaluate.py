@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from distill.decoding import decode
+from distill.files import write_atomically
 from distill.recipe import DecoderConfig
 from eval.tasks import is_correct
 from teachers.interface import Teacher
@@ -92,10 +93,5 @@ def evaluate_records(
 
 
 def write_sample_log(logs: list[dict], path: Path) -> None:
-    """Per-sample JSONL, written to a temp file and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as handle:
-        for log in logs:
-            handle.write(json.dumps(log) + "\n")
-    tmp.rename(path)
+    """Per-sample JSONL, written atomically."""
+    write_atomically(path, "".join(json.dumps(log) + "\n" for log in logs))

@@ -28,7 +28,6 @@ import base64
 import html
 import io
 import json
-import os
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -38,6 +37,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from distill.files import write_atomically
 from eval.aup import aup_score
 
 SCHEMA_VERSION = 1
@@ -338,12 +338,6 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write report.json, report.md, report.html and one report-<task>.png per task into `out_dir`."""
     out_dir = Path(out_dir)
@@ -353,7 +347,7 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     written = []
     for task, png in plots.items():
         written.append(out_dir / f"report-{task}.png")
-        _write_atomically(written[-1], png)
+        write_atomically(written[-1], png)
     contents = {
         "report.json": json.dumps(report, indent=2) + "\n",
         "report.md": render_markdown(report),
@@ -361,5 +355,5 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     }
     for name, text in contents.items():
         written.append(out_dir / name)
-        _write_atomically(written[-1], text.encode())
+        write_atomically(written[-1], text)
     return written
