@@ -333,6 +333,15 @@ class PretrainConfig(Section):
     mask_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     loss_weighting: Literal["uniform", "inverse_t"] = "uniform"
 
+    @field_validator("ar", "diffusion")
+    @classmethod
+    def _no_zero3(cls, phase: TrainConfig) -> TrainConfig:
+        # The AR phase hands its full weights to the diffusion phase and to the saved checkpoints in place; a
+        # ZeRO-3 engine leaves that module partitioned. A model this size never needs ZeRO-3 anyway.
+        if phase.zero_stage == 3:
+            raise ValueError("zero_stage 3 (ZeRO-3) is not supported for teacher pretraining; use 0, 1 or 2")
+        return phase
+
 
 class TeacherConfig(Section):
     """Which teacher backbone to use and where its weights come from.

@@ -117,6 +117,12 @@ MALFORMED = [
     ("deepspeed-batch", MINIMAL, ["train.deepspeed={gradient_accumulation_steps: 4}"], "set gradient_accumulation"),
     ("sdtt-mixed", MINIMAL, ["distill.losses=[{kind: sdtt}, {kind: trajectory_ce}]"], "distill.losses"),
     ("sdtt-zero3", MINIMAL, ["run.stages=[distill]", "distill.losses=[{kind: sdtt}]", "train.zero_stage=3"], "sdtt"),
+    (
+        "pretrain-zero3",
+        MINIMAL,
+        ["teacher.pretrain.diffusion.zero_stage=3"],
+        "teacher.pretrain.diffusion: Value error, zero_stage 3",
+    ),
 ]
 
 
