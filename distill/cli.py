@@ -1,5 +1,5 @@
 """The `distill` command line: `run`, `trajectories`, `validate`, `eval` and `bench decode` take a recipe plus dotted
-overrides; `report` re-renders or merges finished reports.
+overrides; `report` re-renders or merges finished reports; `export` and `verify` take a run or export folder.
 
     distill run recipes/teacher-tiny.yaml train.lr=3e-4 run.output_dir=runs/x
     distill validate recipes/teacher-tiny.yaml
@@ -9,9 +9,12 @@ overrides; `report` re-renders or merges finished reports.
     distill bench decode recipes/eval-tiny.yaml --samples 32 --repeats 5   # decoders with and without cache
     distill trajectories recipes/teacher-tiny.yaml teacher.path=runs/teacher-tiny/teacher trajectories.block_length=8
     torchrun --nproc_per_node 2 -m distill.cli trajectories RECIPE [overrides]   # shards split over ranks
+    distill export runs/quickstart --out exports/quickstart --dtype bf16   # a folder that loads without fewstep
+    distill verify exports/quickstart                                     # reload it without fewstep, compare
 
 A malformed recipe or override exits with code 2 and one line naming the dotted path, before anything is
-written. Other expected failures (missing checkpoint, bad data file) exit with code 1 and one line.
+written; so does an export whose --out exists without --overwrite. Other expected failures (missing checkpoint,
+bad data file, a checkpoint that cannot be exported, a failed verification) exit with code 1 and one line.
 """
 
 from __future__ import annotations
@@ -95,6 +98,44 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory or report.json")
     report.add_argument("--out", type=Path, default=None, help="output directory (required for several RUN_DIRs)")
 
+    export = verbs.add_parser(
+        "export",
+        help="write a distilled checkpoint as a Hugging Face folder that loads without fewstep, and verify it",
+        description=(
+            "Consolidate a distillation checkpoint of RUN_DIR (ZeRO 0-3), rebuild the student, merge its LoRA "
+            "adapters (or keep them as a peft folder) and write a Hugging Face folder with its modeling code, "
+            "tokenizer, decoding defaults and model card; then verify it in a process that cannot import fewstep. "
+            "Options not given come from the run recipe's export section."
+        ),
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory written by `distill run`")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
+    export.add_argument(
+        "--checkpoint", type=_checkpoint, default=None, help="latest (default) or the optimizer step to export"
+    )
+    export.add_argument(
+        "--merge-lora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fold LoRA adapters into the weights (default), or keep them in adapter/",
+    )
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="weights dtype (default fp32)")
+    export.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 5GB (default)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=None, help="verify the folder (default: yes)"
+    )
+
+    verify = verbs.add_parser(
+        "verify",
+        help="check an exported folder against the checkpoint it came from, without fewstep",
+        description=(
+            "Check the folder's files, reload it in a process that cannot import fewstep, compare its logits with "
+            "the checkpoint's student and its diffusion_generate with fewstep's decoder; writes verify.json."
+        ),
+    )
+    verify.add_argument("folder", type=Path, metavar="DIR", help="a folder written by `distill export`")
+
     bench = verbs.add_parser("bench", help="benchmarks", description="Benchmarks.")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=ArgumentParser)
     decode = benches.add_parser(
@@ -114,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--repeats", type=_at_least_five, default=5, help="timed runs per setting, >= 5 (default 5)")
     decode.add_argument("--out", type=Path, default=None, help="JSON file (default <output_dir>/bench/decode.json)")
     return parser
+
+
+def _checkpoint(text: str) -> str | int:
+    if text == "latest":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected latest or an optimizer step >= 1, got {text!r}")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -144,9 +193,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     recipe = _load(args)
-    from distill.run import run
+    from distill.run import is_main_process, run, summary_lines
 
     summary = run(recipe)
+    if is_main_process():
+        for line in summary_lines(summary):
+            print(f"[run] {line}")
     print(f"[run] done in {summary['total_seconds']} s; outputs in {summary['output_dir']}")
     return 0
 
@@ -228,6 +280,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.overwrite:
+        print(f"distill: error: --out {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    from distill.export import export_command
+
+    export_command(
+        args.run_dir,
+        args.out,
+        checkpoint=args.checkpoint,
+        merge_lora=args.merge_lora,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=int(args.max_shard_size) if (args.max_shard_size or "").isdigit() else args.max_shard_size,
+        verify=args.verify,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from distill.export import verify_folder
+    from distill.verify import summary_line
+
+    result = verify_folder(args.folder)
+    print(f"[verify] {args.folder}: ok ({summary_line(result)}; {result['seconds']} s)")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "trajectories": cmd_trajectories,
@@ -235,6 +315,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "report": cmd_report,
     "bench": cmd_bench,
+    "export": cmd_export,
+    "verify": cmd_verify,
 }
 
 
@@ -251,6 +333,10 @@ def _quiet_libraries() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; overrides may also follow a flag (`eval r.yaml --checkpoint d key=value`)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher passes `--local_rank=N` first (unless run with --no_local_rank); the rank is read
+    # from the LOCAL_RANK environment variable it also sets.
+    argv = [word for word in argv if not word.startswith("--local_rank")]
     # argparse stops filling a nargs="*" positional at the first flag; words left over after it that are not
     # flags are more overrides of the same command.
     args, leftover = parser.parse_known_args(argv)

@@ -53,7 +53,8 @@ class RunConfig(Section):
       decodes the training prompts one token per forward and records the order; see `TrajectoriesConfig`),
       `distill` (train the student on the trajectory set, or with an `sdtt` loss on the task training
       sequences; see `StudentConfig`, `DistillConfig`, `TargetsConfig`, `train`),
-      `eval` (decode the eval split and score it).
+      `eval` (decode the eval split and score it), `export` (write the distilled student as a Hugging Face folder
+      that loads without fewstep, and verify it; see `ExportConfig`).
     - `cache_dir`: where pretrained teachers are cached by the hash of their recipe sections so a later run with
       the same teacher + data reuses them; null disables the cache.
     """
@@ -61,7 +62,7 @@ class RunConfig(Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] = "run"
     output_dir: Path | None = None
     seed: NonNegativeInt = 0
-    stages: Annotated[list[Literal["teacher", "trajectories", "distill", "eval"]], Field(min_length=1)] = [
+    stages: Annotated[list[Literal["teacher", "trajectories", "distill", "eval", "export"]], Field(min_length=1)] = [
         "teacher",
         "eval",
     ]
@@ -391,6 +392,35 @@ class AdditionTask(Section):
         return self
 
 
+class AddendsTask(Section):
+    """Write a number as the sum of two addends, any pair counts: `0632=?+?` -> `#### 0421+0211`.
+
+    A verifiable task with many right answers: reference splits are drawn digit by digit without carries, so a
+    model trained on them is unsure of each column's digits until one of the two is chosen, and committing both
+    in one forward can mix different splits. That is the case parallel decoding is hard for (the multimodality of
+    real text, in miniature) and distillation onto the teacher's own answers fixes. The number has
+    min_digits..max_digits digits; numbers and addends are written with max_digits digits.
+
+    - `even_split`: probability that a column takes the even split (half the digit, rounded down) rather than a
+      uniformly drawn one. Above 0 the even split is every column's most likely answer, so greedy choices agree
+      across columns and a student can learn them; at 0 no split is preferred, and a model that commits two
+      uncertain digits of a column in one forward mostly gets the column wrong.
+    """
+
+    name: Literal["addends"]
+    train_size: NonNegativeInt = 20000
+    eval_size: NonNegativeInt = 200
+    min_digits: PositiveInt = 1
+    max_digits: PositiveInt = 5
+    even_split: Annotated[float, Field(ge=0, le=1)] = 0.25
+
+    @model_validator(mode="after")
+    def _digits_ordered(self) -> AddendsTask:
+        if self.min_digits > self.max_digits:
+            raise ValueError("min_digits must not exceed max_digits")
+        return self
+
+
 class WordProblemsTask(Section):
     """Templated multi-step arithmetic word problems ending in `#### <answer>` (GSM8K-style).
 
@@ -453,14 +483,15 @@ class FileSource(Section):
         return value
 
 
-BUILTIN_TASKS = ("addition", "word_problems", "sorting")
-TaskSource = Annotated[AdditionTask | WordProblemsTask | SortingTask, Field(discriminator="name")]
+BUILTIN_TASKS = ("addition", "addends", "word_problems", "sorting")
+TaskSource = Annotated[AdditionTask | AddendsTask | WordProblemsTask | SortingTask, Field(discriminator="name")]
 
 
 class DataConfig(Section):
     """Training and evaluation data.
 
-    - `tasks`: built-in generated tasks (`addition`, `word_problems`, `sorting`), each with its sizes and knobs.
+    - `tasks`: built-in generated tasks (`addition`, `addends`, `word_problems`, `sorting`), each with its
+      sizes and knobs.
     - `files`: user data sources (JSONL/parquet).
     - `max_response_tokens`: the response canvas: responses are padded to at most this many tokens in training
       and decoders generate this many by default; a longer reference response is an error.
@@ -950,7 +981,37 @@ class DistillConfig(Section):
 
 
 class ExportConfig(Section):
-    """Export of distilled checkpoints. No options yet."""
+    """Export of the distilled student (`distill export`, and the `export` stage of a run).
+
+    The export is a Hugging Face folder: sharded safetensors, `config.json` with `auto_map` and the modeling files
+    beside it (so `AutoModel.from_pretrained(dir, trust_remote_code=True)` works without fewstep), the tokenizer,
+    `generation_config.json` with the decoding defaults, a model card, and `verify.json` (`distill/export.py`).
+    `distill export RUN_DIR` takes these values from the run's recipe unless a flag overrides them.
+
+    - `checkpoint`: which complete distillation checkpoint of `<run>/distill/checkpoints` to export: `latest` or
+      an optimizer step.
+    - `merge_lora`: fold a LoRA student's adapters into the weights (true), or write the teacher's weights with
+      the adapters beside them as a peft folder `adapter/` (false). Unused for a full student.
+    - `dtype`: weights dtype of the export: `fp32` (the consolidated weights unrounded; ZeRO 1-3 keep an fp32
+      master copy even in bf16 training) or `bf16` (half the size; verified to a relative logit tolerance,
+      `distill/verify.py`).
+    - `max_shard_size`: largest safetensors shard, bytes or a size such as `5GB`, `500MB`, `200KiB`.
+    - `verify`: after writing, reload the folder in a fresh Python process that cannot import fewstep, compare
+      its logits with the checkpoint's student and its `diffusion_generate` with fewstep's decoder, and fail
+      the export on a mismatch.
+    - `out_dir`: the export folder; null means `<run.output_dir>/export`.
+    - `overwrite`: whether the `export` stage replaces an existing export folder (true: a rerun replaces the
+      run's own export; the old folder is removed only once the new one is complete). `distill export` never
+      overwrites without `--overwrite`.
+    """
+
+    checkpoint: Literal["latest"] | PositiveInt = "latest"
+    merge_lora: bool = True
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    max_shard_size: PositiveInt | Annotated[str, Field(pattern=r"^[0-9]+(GB|MB|KB|GiB|MiB|KiB)$")] = "5GB"
+    verify: bool = True
+    out_dir: Path | None = None
+    overwrite: bool = True
 
 
 class WandbConfig(Section):

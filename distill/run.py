@@ -1,7 +1,7 @@
 """`distill run`: one recipe, executed top to bottom.
 
 load recipe -> build data -> teacher (pretrain, reuse from cache, or load) -> trajectories -> distill the student
--> evaluate -> summary.
+-> evaluate -> export -> summary.
 Each arrow is one named call under a comment header in `run`. Everything lands in `run.output_dir`:
 
     recipe.yaml          the fully resolved recipe
@@ -15,6 +15,8 @@ Each arrow is one named call under a comment header in `run`. Everything lands i
     student/             the distilled student (LoRA merged), loads like the teacher
     eval/report.{json,md,html}, eval/report-<task>.png   the AUP report (`eval/report.py` has the JSON schema)
     eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
+    export/              the student as a Hugging Face folder that loads without fewstep (`export.out_dir`;
+                         `distill/export.py`), verified
     summary.json         stage times and headline figures
 """
 
@@ -31,7 +33,13 @@ import torch.distributed as dist
 from distill.files import write_atomically, write_json
 from distill.ranks import prepare_datasets
 from distill.recipe import DecoderConfig, EvalDecoderConfig, Recipe, dump_recipe
-from distill.trajectories import expected_manifest, generate_trajectories, load_trajectories, training_records
+from distill.trajectories import (
+    data_hash,
+    expected_manifest,
+    generate_trajectories,
+    load_trajectories,
+    training_records,
+)
 from eval.evaluate import evaluate_records, write_sample_log
 from eval.report import aup_lines, hardware_name, new_report, write_report
 from teachers.interface import load_teacher
@@ -49,9 +57,10 @@ def write_resolved_recipe(recipe: Recipe, out_dir: Path) -> None:
 # Teacher: load a checkpoint, reuse a cached pretraining, or pretrain
 
 
-def teacher_key(recipe: Recipe) -> str:
-    """What determines a pretrained teacher: the teacher and data sections plus the seed."""
-    return f"{recipe.section_hash('teacher', 'data')}-{recipe.run.seed}"
+def teacher_key(recipe: Recipe, train_records: list[dict]) -> str:
+    """What determines a pretrained teacher: the teacher and data sections, the seed and the training records
+    themselves (a changed task generator gives other records under the same data section)."""
+    return f"{recipe.section_hash('teacher', 'data')}-{data_hash(train_records)[:8]}-{recipe.run.seed}"
 
 
 def _pretrained_dirs(root: Path, key: str) -> tuple[Path, Path] | None:
@@ -66,7 +75,7 @@ def resolve_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) ->
     """Return `(teacher_dir, ar_baseline_dir or None)`, pretraining only when nothing matching exists."""
     if recipe.teacher.path is not None:
         return recipe.teacher.path, None
-    key = teacher_key(recipe)
+    key = teacher_key(recipe, train_records)
     found = _pretrained_dirs(out_dir, key)
     if found:
         print(f"[teacher] reusing pretrained teacher in {out_dir} (key {key})")
@@ -139,6 +148,56 @@ def eval_rows(recipe: Recipe, produced: dict[str, Path]) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"eval: no checkpoint for {', '.join(missing)}")
     return rows
+
+
+def sdtt_round_rows(recipe: Recipe) -> list[dict]:
+    """The SDTT schedule as eval rows: per round, the row of its teacher (`teacher`, then each later round's saved
+    starting teacher `sdtt-round-XX`) with its step count, and the row of the student the round trained (the next
+    round's teacher, `student` for the last round), which should match the teacher with half the steps."""
+    from distill.sdtt import sdtt_round  # imports the decoding engine; only needed for SDTT runs
+
+    targets = recipe.targets
+    rounds_dir = Path(recipe.run.output_dir) / "distill" / "sdtt-rounds"
+    names = ["teacher"] + [f"sdtt-round-{index:02d}" for index in range(1, targets.rounds)] + ["student"]
+    schedule = []
+    for index in range(targets.rounds):
+        current = sdtt_round(index * targets.steps_per_round, targets.steps_per_round, targets.teacher_steps)
+        schedule.append(
+            {
+                "round": index,
+                "teacher": names[index],
+                "teacher_path": None if index == 0 else str(rounds_dir / f"round-{index:02d}"),
+                "teacher_steps": current.teacher_steps,
+                "student": names[index + 1],
+                "student_steps": current.student_steps,
+            }
+        )
+    return schedule
+
+
+def sdtt_curve(report: dict, schedule: list[dict]) -> list[dict]:
+    """Per task and round: the round's teacher accuracy at its step count and its student's at half as many (from
+    the report's `low_confidence` rows; None where the sweep did not include that step count)."""
+
+    def accuracy(rows: list[dict], name: str, steps: int) -> float | None:
+        for row in rows:
+            if row["name"] == name and row["decoder_name"] == "low_confidence":
+                for point in row["points"]:
+                    if point["knob"] == steps:
+                        return point["accuracy"]
+        return None
+
+    curve = []
+    for entry in report["tasks"]:
+        for step in schedule:
+            teacher = accuracy(entry["rows"], step["teacher"], step["teacher_steps"])
+            student = accuracy(entry["rows"], step["student"], step["student_steps"])
+            gap = None if teacher is None or student is None else round(student - teacher, 2)
+            curve.append(
+                {"task": entry["task"], **{k: v for k, v in step.items() if k != "teacher_path"}}
+                | {"teacher_accuracy": teacher, "student_accuracy": student, "student_minus_teacher": gap}
+            )
+    return curve
 
 
 def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], out_dir: Path) -> dict:
@@ -227,8 +286,40 @@ def report_summary(report: dict) -> list[dict]:
     ]
 
 
+def summary_lines(summary: dict, tolerance: float = 2.0) -> list[str]:
+    """The run summary as printed lines: stage times, then per task, row and decoder its AUP and its fastest point
+    that stays within `tolerance` points of the row's best accuracy, then the output paths."""
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["stage_seconds"].items())
+    lines = [f"{summary['run']}: {summary['total_seconds']:.0f} s ({stages})"]
+    rows: dict[tuple[str, str, str], list[dict]] = {}
+    for point in summary["results"]:
+        rows.setdefault((point["task"], point["row"], point["decoder"]), []).append(point)
+    if rows:
+        lines.append(f"{'task':14s} {'row':14s} {'decoder':22s} {'AUP':>8s} {'accuracy':>9s} {'TPF':>6s}")
+    for (task, row, decoder), points in rows.items():
+        best = max(point["accuracy"] for point in points)
+        fastest = max((point for point in points if point["accuracy"] >= best - tolerance), key=lambda p: p["tpf"])
+        lines.append(
+            f"{task:14s} {row:14s} {decoder:22s} {points[0]['aup']:8.1f} {fastest['accuracy']:8.2f}% "
+            f"{fastest['tpf']:6.2f}"
+        )
+    lines += [f"{name}: {path}" for name, path in summary["checkpoints"].items()]
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run
+
+STAGE_ORDER = ("teacher", "trajectories", "distill", "eval", "export")
+
+
+def announce(recipe: Recipe, stage: str, start: float) -> None:
+    """One line per stage on the main process (`[run] 2/5 trajectories (+212 s)`): the run's progress across
+    stages, between the stages' own progress lines."""
+    if is_main_process():
+        stages = [name for name in STAGE_ORDER if name in recipe.run.stages]
+        elapsed = time.perf_counter() - start
+        print(f"[run] {stages.index(stage) + 1}/{len(stages)} {stage} (+{elapsed:.0f} s)", flush=True)
 
 
 def run(recipe: Recipe) -> dict:
@@ -247,6 +338,7 @@ def run(recipe: Recipe) -> dict:
     checkpoints: dict[str, Path] = {}
     if "teacher" in recipe.run.stages:
         began = time.perf_counter()
+        announce(recipe, "teacher", start)
         train_records = [record for task in datasets.values() for record in task["train"]]
         teacher_dir, ar_dir = resolve_teacher(recipe, train_records, out_dir)
         checkpoints = {"teacher": teacher_dir}
@@ -259,6 +351,7 @@ def run(recipe: Recipe) -> dict:
     # ---- trajectories -------------------------------------------------------------------------------------
     if "trajectories" in recipe.run.stages:
         began = time.perf_counter()
+        announce(recipe, "trajectories", start)
         teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
         generate_trajectories(recipe, teacher_dir, training_records(recipe, datasets), out_dir)
         stage_seconds["trajectories"] = time.perf_counter() - began
@@ -268,6 +361,7 @@ def run(recipe: Recipe) -> dict:
         from distill.distill import distill_student  # imports DeepSpeed; only needed when training
 
         began = time.perf_counter()
+        announce(recipe, "distill", start)
         teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
         if recipe.distill.is_sdtt:
             # SDTT trains on the task sequences themselves: no trajectory set is read.
@@ -284,9 +378,39 @@ def run(recipe: Recipe) -> dict:
     results: list[dict] = []
     if "eval" in recipe.run.stages and is_main_process():
         began = time.perf_counter()
-        report = evaluate_rows(recipe, datasets, eval_rows(recipe, checkpoints), out_dir / "eval")
+        announce(recipe, "eval", start)
+        rows = eval_rows(recipe, checkpoints)
+        # An SDTT run also scores each round's starting teacher, for the curve of student vs teacher per round.
+        schedule = sdtt_round_rows(recipe) if recipe.distill.is_sdtt and "student" in rows else []
+        for step in schedule:
+            if step["teacher_path"] and (Path(step["teacher_path"]) / "config.json").is_file():
+                rows[step["teacher"]] = Path(step["teacher_path"])
+        report = evaluate_rows(recipe, datasets, rows, out_dir / "eval")
         results = report_summary(report)
+        if schedule:
+            curve = sdtt_curve(report, schedule)
+            write_json(out_dir / "eval" / "sdtt_curve.json", curve)
+            for point in curve:
+                print(
+                    f"[eval] sdtt {point['task']} round {point['round']}: {point['teacher']} at "
+                    f"{point['teacher_steps']} steps {point['teacher_accuracy']}% vs {point['student']} at "
+                    f"{point['student_steps']} steps {point['student_accuracy']}%"
+                )
         stage_seconds["eval"] = time.perf_counter() - began
+
+    # ---- export -------------------------------------------------------------------------------------------
+    if "export" in recipe.run.stages:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the checkpoint's files from every rank are on disk before rank 0 reads them
+        if is_main_process():
+            from distill.export import export_run  # imports DeepSpeed; only needed when exporting
+
+            began = time.perf_counter()
+            announce(recipe, "export", start)
+            export_dir = recipe.export.out_dir or out_dir / "export"
+            checkpoints["export"] = export_run(out_dir, export_dir, overwrite=recipe.export.overwrite, recipe=recipe)
+            print(f"[export] {export_dir}" + (" (verified)" if recipe.export.verify else ""))
+            stage_seconds["export"] = time.perf_counter() - began
 
     summary = {
         "run": recipe.run.name,

@@ -225,7 +225,7 @@ def _row(
         "teacher_ids": teacher_ids,
         "target_ids": reference if tokens == "reference" else teacher_ids,
         "order": result.order[index].tolist(),
-        "teacher_correct": is_correct(teacher.decode_response(teacher_ids), record["answer"]),
+        "teacher_correct": is_correct(teacher.decode_response(teacher_ids), record["answer"], record["task"]),
         "nfe": int(result.nfe[index]),
         "temperature": float(temperature),
     }

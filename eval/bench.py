@@ -70,7 +70,10 @@ def bench_decoders(
             baseline[label] = (median, outputs)
         reference_median, reference_outputs = baseline[label]
         same = sum(a == b for a, b in zip(outputs, reference_outputs, strict=True)) / len(outputs)
-        correct = sum(is_correct(output, record["answer"]) for output, record in zip(outputs, records, strict=True))
+        correct = sum(
+            is_correct(output, record["answer"], record.get("task"))
+            for output, record in zip(outputs, records, strict=True)
+        )
         results.append(
             {
                 "decoder": label,

@@ -69,7 +69,7 @@ def evaluate_records(
                     "prompt": record["prompt"],
                     "output": output,
                     "answer": record["answer"],
-                    "correct": is_correct(output, record["answer"]),
+                    "correct": is_correct(output, record["answer"], record["task"]),
                     "nfe": int(result.nfe[index]),
                     "generated": int(result.generated[index]),
                 }

@@ -16,6 +16,12 @@ default task configs every response is at most 31 characters, so response + EOS 
   in that order, each carry follows from the digits and the carry before it. More, with max_digits 3:
   `005+007=` -> `C:0100 #### 0012`, `099+001=` -> `C:0110 #### 0100`, `000+000=` -> `C:0000 #### 0000`.
   Each operand's digit count is uniform in min_digits..max_digits (its value has no leading zeros, 0 is `0`).
+- `addends`: prompt `0632=?+?`, response `#### 0347+0285`, answer `632`: write the number as a sum of two
+  non-negative addends; every split is right, so the `answer` column holds the number and scoring checks the sum
+  (`is_correct` with the task name). Number and addends are written with max_digits digits; the number has
+  min_digits..max_digits digits. Reference splits have no carries: each digit of the first addend is, with
+  probability `even_split` (default 1/4), half the number's digit in that column (rounded down), otherwise uniform
+  in 0..that digit (`0632` -> `0421+0211`); any pair with the right sum scores.
 - `word_problems`: prompt `Ann has 5 apples. She buys 3 more. She gives away 2. How many apples does Ann have?`,
   response `5+3=8 8-2=6 #### 6`: one `a op b=c` equation per step (`+`, `-`, `*`), space separated. The start is in
   1..max_value and the count stays within 0..max_value throughout; each add/subtract amount is at most
@@ -50,9 +56,9 @@ from datasets import (
     load_from_disk,
 )
 
-from distill.recipe import AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
+from distill.recipe import AddendsTask, AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
 
-TaskConfig = AdditionTask | WordProblemsTask | SortingTask
+TaskConfig = AdditionTask | AddendsTask | WordProblemsTask | SortingTask
 
 COLUMNS = ("id", "task", "prompt", "response", "answer")
 FEATURES = Features({column: Value("string") for column in COLUMNS})
@@ -94,13 +100,20 @@ def extract_answer(text: str) -> str | None:
     return _normalise(tail)
 
 
-def is_correct(output: str, answer: str) -> bool:
-    """Exact match of the answer extracted from `output` with the normalised reference `answer`.
+def is_correct(output: str, answer: str, task: str | None = None) -> bool:
+    """Whether `output` answers right: exact match of its extracted answer with the normalised reference `answer`,
+    except for the `addends` task, whose answer `a+b` is right when a + b equals the reference number.
 
     An empty reference (a user record whose response has no `####`) can never be matched: it cannot be verified.
     """
     expected = _normalise(answer)
-    return bool(expected) and extract_answer(output) == expected
+    if not expected:
+        return False
+    extracted = extract_answer(output)
+    if task == "addends":
+        match = re.fullmatch(r"(\d+)\+(\d+)", extracted or "")
+        return match is not None and expected.isdigit() and int(match[1]) + int(match[2]) == int(expected)
+    return extracted == expected
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,6 +172,21 @@ def _draw_addition(config: AdditionTask, rng: random.Random) -> tuple[str, str, 
     a = _draw_operand(rng, config.min_digits, config.max_digits)
     b = _draw_operand(rng, config.min_digits, config.max_digits)
     return addition_example(a, b, config.max_digits)
+
+
+def _draw_addends(config: AddendsTask, rng: random.Random) -> tuple[str, str, str]:
+    width = config.max_digits
+    number = _draw_operand(rng, config.min_digits, width)
+    # A split without carries, drawn column by column: each digit pair is independent of the other columns, so
+    # the task is only as hard as keeping the two digits of a column consistent. With even_split > 0 the even
+    # split is the dominant answer among many, as in text: a greedy decoder has a mode to find while no single
+    # split is likely enough to be committed confidently.
+    first = 0
+    for column in range(width):
+        digit = (number // 10**column) % 10
+        first += (digit // 2 if rng.random() < config.even_split else rng.randint(0, digit)) * 10**column
+    response = f"{ANSWER_MARKER} {first:0{width}d}+{number - first:0{width}d}"
+    return f"{number:0{width}d}=?+?", response, str(number)
 
 
 _PEOPLE = (
@@ -227,6 +255,7 @@ def _draw_sorting(config: SortingTask, rng: random.Random) -> tuple[str, str, st
 
 _GENERATORS: dict[str, Callable[..., tuple[str, str, str]]] = {
     "addition": _draw_addition,
+    "addends": _draw_addends,
     "word_problems": _draw_word_problem,
     "sorting": _draw_sorting,
 }

@@ -10,8 +10,15 @@ the current tokens attend to it and to each other. With `use_cache=True` the out
 past + current tokens. Diffusion decoders use this to encode a prompt once (prefilling) and re-encode only the
 response.
 
+`FewstepDimpleModel.diffusion_generate` decodes with the diffusion decoders of fewstep's engine
+(`distill/decoding.py`: `low_confidence`, `confident`, `threshold`, `multi_block`), taking its defaults from the
+`generation_config.json` that `distill export` writes beside the weights (the decoder the student was distilled
+and evaluated with). It repeats the engine's rules rather than importing them, and `distill verify` checks that
+both give the same tokens and forward counts.
+
 Self-contained on purpose (torch + transformers only): exported checkpoints copy this file so that
-`AutoModel.from_pretrained(dir, trust_remote_code=True)` works without fewstep installed.
+`AutoModel.from_pretrained(dir, trust_remote_code=True)` and `diffusion_generate` work without fewstep installed.
+For the same reason it holds the model and its decoding loop together and runs past 400 lines.
 """
 
 from dataclasses import dataclass
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_fewstep_dimple import FewstepDimpleConfig
@@ -29,6 +36,13 @@ from .configuration_fewstep_dimple import FewstepDimpleConfig
 class FewstepDimpleOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: tuple | None = None
+
+
+@dataclass
+class DiffusionGenerateOutput(ModelOutput):
+    sequences: torch.LongTensor | None = None  # [B, prompt + gen_length]: each prompt, then its response
+    nfe: torch.LongTensor | None = None  # [B] forward passes each sample took part in
+    order: torch.LongTensor | None = None  # [B, gen_length] step that committed each position, -1 if none did
 
 
 class RMSNorm(nn.Module):
@@ -171,6 +185,149 @@ def build_attention_mask(
     return allowed
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion decoding rules (the engine's, `distill/decoding.py`, restated so this file needs no fewstep)
+
+# Settings `diffusion_generate` uses where neither the call nor the saved generation config gives one. The meanings
+# are those of fewstep's `DecoderConfig`; `pin_ids` maps a response position (negative: from the end) to token ids
+# committed there before decoding.
+DECODERS = ("low_confidence", "confident", "threshold", "multi_block")
+DEFAULT_DECODING = {
+    "decoder": "confident",
+    "gen_length": 32,  # response canvas in tokens
+    "steps": None,  # forwards of the fixed schedule, split evenly over blocks; None: gen_length
+    "block_length": None,  # semi-autoregressive block; None: one block spanning the canvas
+    "threshold": 0.9,  # confidence bound (confident, threshold) or entropy bound in nats (multi_block)
+    "confidence": "probability",  # probability | margin | neg_entropy
+    "remasking": "low_confidence",  # low_confidence: rank by top-1 probability | random
+    "temperature": 0.0,  # 0: greedy; > 0: Gumbel-max sampling
+    "top_k": None,
+    "top_p": 1.0,
+    "activate_fraction": 0.1,  # multi_block: a block opens once its predecessor is this decoded
+    "full_activate_fraction": 0.95,  # multi_block: ... and is fully active once its predecessor is this decoded
+    "eos_fill": False,  # fill the masks after a committed EOS with EOS
+    "fixed_length": None,  # pin EOS from this response position on
+    "pin_ids": {},
+    "mask_token_id": None,  # None: the generation config's, else the model config's
+    "eos_token_id": None,
+}
+
+
+def _structure_prior(settings: dict) -> torch.Tensor:
+    """[gen_length] ids fixed before decoding (pins, EOS from `fixed_length` on), -1 where free."""
+    gen_length = settings["gen_length"]
+    prior = torch.full((gen_length,), -1, dtype=torch.long)
+    length = settings["fixed_length"] or gen_length
+    prior[length:] = settings["eos_token_id"]
+    for position, ids in sorted((int(position), list(ids)) for position, ids in settings["pin_ids"].items()):
+        start = position % length
+        if not ids or start + len(ids) > length or (prior[start : start + len(ids)] >= 0).any():
+            raise ValueError(f"pin_ids: {ids} at {position} is empty, runs past {length} or overlaps another pin")
+        prior[start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return prior
+
+
+def _first_eos(response: torch.Tensor, masked: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B] position of the first committed EOS, -1 where there is none."""
+    is_eos = (response == eos_id) & ~masked
+    none = torch.full((response.shape[0],), -1, dtype=torch.long, device=response.device)
+    return torch.where(is_eos.any(-1), is_eos.float().argmax(-1), none)
+
+
+def _settled(response: torch.Tensor, masked: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B] True where nothing is masked, or a committed EOS has nothing masked before it."""
+    first_eos = _first_eos(response, masked, eos_id)
+    positions = torch.arange(response.shape[1], device=response.device)[None, :]
+    masked_before = (masked & (positions < first_eos[:, None])).any(-1)
+    return ~masked.any(-1) | ((first_eos >= 0) & ~masked_before)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        ranked, ranked_ids = logits.sort(dim=-1, descending=True)
+        ranked_probs = torch.softmax(ranked.float(), dim=-1)
+        # A token is dropped once the tokens ranked above it already hold top_p; the top token always stays.
+        dropped = (ranked_probs.cumsum(-1) - ranked_probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(dropped).scatter(-1, ranked_ids, dropped), -torch.inf)
+    return logits
+
+
+def _draw_tokens(logits: torch.Tensor, settings: dict, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token per position and the filtered temperature-1 distribution its confidence is read from."""
+    logits = _filter_logits(logits.float(), settings["top_k"], settings["top_p"])
+    probs = torch.softmax(logits, dim=-1)
+    if settings["temperature"] <= 0:
+        return probs.argmax(dim=-1), probs
+    # Gumbel-max in float64 (low-precision noise skews samples), drawn on the CPU so a seeded generator gives the
+    # same draws on every device.
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device="cpu").to(logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+    return (logits.double() / settings["temperature"] + gumbel).argmax(dim=-1), probs
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+
+
+def _confidence(probs: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "probability":
+        return probs.gather(-1, tokens[..., None]).squeeze(-1)
+    if kind == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    return -_entropy(probs)
+
+
+def _best(score: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[b, L] True at the `count[b]` highest-scoring allowed positions of each row."""
+    score = torch.where(allowed, score, torch.full_like(score, -torch.inf))
+    rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return allowed & (rank < count[:, None])
+
+
+def _commit_rule(logits, masked, block, block_step, settings, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate token per position, positions to commit) for one step of the samples still decoding."""
+    decoder, block_length = settings["decoder"], settings["block_length"]
+    batch, length = masked.shape
+    tokens, probs = _draw_tokens(logits, settings, generator)
+    if decoder == "multi_block":
+        uncertainty = _entropy(probs)
+        blocks = length // block_length
+        decoded = 1.0 - masked.view(batch, blocks, block_length).float().mean(-1)
+        previous = torch.cat([torch.ones_like(decoded[:, :1]), decoded[:, :-1]], dim=1)
+        # A block opens once every block before it is open and its predecessor is decoded far enough.
+        opened = (previous >= settings["activate_fraction"]).long().cumprod(-1).bool()
+        full = opened & (previous >= settings["full_activate_fraction"])
+        opened = opened.repeat_interleave(block_length, dim=1) & masked
+        full = full.repeat_interleave(block_length, dim=1) & masked
+        forced = _best(-uncertainty, full, torch.ones_like(block))
+        return tokens, (opened & (uncertainty <= settings["threshold"])) | forced
+
+    positions = torch.arange(length, device=masked.device)[None, :]
+    start = (block * block_length)[:, None]
+    in_block = masked & (positions >= start) & (positions < start + block_length)
+    # The fixed schedule: the block's masks split evenly over the steps it has left (remainder first), all of
+    # them at its last step.
+    steps_left = (settings["steps"] // (length // block_length) - block_step).clamp(min=1)
+    scheduled = torch.div(in_block.sum(-1) + steps_left - 1, steps_left, rounding_mode="floor")
+    if decoder == "low_confidence":
+        if settings["remasking"] == "random":
+            score = torch.rand(masked.shape, generator=generator, device="cpu").to(masked.device)
+        else:
+            score = _confidence(probs, tokens, "probability")
+        return tokens, _best(score, in_block, scheduled)
+    score = _confidence(probs, tokens, settings["confidence"])
+    above = in_block & (score > settings["threshold"])
+    if decoder == "threshold":
+        return tokens, above | _best(score, in_block, torch.ones_like(block))
+    # confident: the threshold rule while it finds a position, the schedule otherwise and at the block's last step
+    use_threshold = above.any(-1) & (steps_left != 1)
+    return tokens, torch.where(use_threshold[:, None], above, _best(score, in_block, scheduled))
+
+
 class FewstepDimpleModel(FewstepDimplePreTrainedModel):
     """Embedding, decoder blocks, final norm and LM head; returns (shifted) logits."""
 
@@ -237,3 +394,134 @@ class FewstepDimpleModel(FewstepDimplePreTrainedModel):
             presents.append(present)
         logits = self.lm_head(self.norm(x))
         return FewstepDimpleOutput(logits=logits, cache=tuple(presents) if use_cache else None)
+
+    # -- diffusion decoding ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | dict | None = None,
+        generator: torch.Generator | None = None,
+        **overrides,
+    ) -> DiffusionGenerateOutput:
+        """Decode a response after each prompt: `gen_length` mask tokens, committed over forward passes.
+
+        Each forward encodes prompt + response (no KV cache) and the decoder commits masked response positions:
+        `low_confidence` the k most confident of the current block (k from an even split of the block's masks over
+        `steps`), `confident` (Dimple) every one of the current block above `threshold` or the schedule's k when
+        none is, `threshold` (Fast-dLLM) every one above `threshold` and always the most confident, `multi_block`
+        (d3LLM) every one with entropy <= `threshold` in the active blocks and always the lowest-entropy one.
+        A sample stops once it has a committed EOS with nothing masked before it (its answer is settled) or
+        nothing is masked; what is still masked then becomes EOS.
+
+        Args:
+            input_ids: `[B, P]` prompt ids, left-padded (apply the tokenizer's chat template first).
+            attention_mask: `[B, P]`, 0 on the left padding; None means no padding.
+            generation_config: a `GenerationConfig` whose `diffusion` entry holds the decoding settings, or a
+                dict of those settings; None reads the `generation_config.json` saved with the weights (the
+                defaults the model was exported with), then `DEFAULT_DECODING`.
+            generator: CPU generator for sampling (`temperature` > 0) and `remasking="random"`.
+            overrides: any decoding setting (`DEFAULT_DECODING` names them), e.g. `threshold=0.95`.
+
+        Returns `DiffusionGenerateOutput`: `sequences` (prompt + response), `nfe`, `order`.
+        """
+        settings = self._decoding_settings(generation_config, overrides)
+        mask_id, eos_id = settings["mask_token_id"], settings["eos_token_id"]
+        gen_length, block_length = settings["gen_length"], settings["block_length"]
+        device = input_ids.device
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        batch, prompt_len = input_ids.shape
+
+        prior = _structure_prior(settings).to(device)
+        pinned = (prior >= 0)[None, :].expand(batch, gen_length)
+        response = torch.where(pinned, prior, torch.full_like(prior, mask_id)).clone()
+        order = torch.full((batch, gen_length), -1, dtype=torch.long, device=device)
+        nfe = torch.zeros(batch, dtype=torch.long, device=device)
+        positions = torch.arange(gen_length, device=device)[None, :]
+        decoding = ~_settled(response, response == mask_id, eos_id)
+        while decoding.any():
+            # Only the samples still decoding take part in a forward (and count it).
+            rows = decoding.nonzero().squeeze(-1)
+            current = response[rows]
+            masked = current == mask_id
+            ids = torch.cat([input_ids[rows], current], dim=1)
+            mask = torch.cat([attention_mask[rows], torch.ones_like(current)], dim=1)
+            logits = self(input_ids=ids, attention_mask=mask).logits
+            if self.config.shifted_logits:
+                # Position i-1 scores token i; position 0 has no predecessor and repeats its own row.
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            logits = logits[:, prompt_len:]
+            logits[..., mask_id] = -torch.inf  # the mask token is never an answer token
+
+            # The current block is the first with a masked position; its step count starts after the last
+            # commit before it.
+            blocks_masked = masked.view(len(rows), gen_length // block_length, block_length).any(-1)
+            block = blocks_masked.float().argmax(-1)
+            before = positions < (block * block_length)[:, None]
+            last_commit = torch.where(before, order[rows], torch.full_like(order[rows], -1)).max(-1).values
+            block_step = nfe[rows] - (last_commit + 1)
+            tokens, commit = _commit_rule(logits, masked, block, block_step, settings, generator)
+            commit &= masked
+            if not commit.any(-1).all():
+                raise RuntimeError(f"decoder '{settings['decoder']}' committed no token for some sample")
+            current = torch.where(commit, tokens, current)
+            order[rows] = torch.where(commit, nfe[rows][:, None].expand_as(commit), order[rows])
+            nfe[rows] += 1
+            if settings["eos_fill"]:
+                # Masks after a committed EOS cannot change the answer: fill them so no forward is spent on them.
+                first_eos = _first_eos(current, current == mask_id, eos_id)
+                fill = (positions > first_eos[:, None]) & (first_eos[:, None] >= 0) & (current == mask_id)
+                current = torch.where(fill, torch.full_like(current, eos_id), current)
+            response[rows] = current
+            decoding[rows[_settled(current, current == mask_id, eos_id)]] = False
+
+        # Finished early: whatever is still masked lies after the answer's EOS.
+        response = torch.where(response == mask_id, torch.full_like(response, eos_id), response)
+        return DiffusionGenerateOutput(sequences=torch.cat([input_ids, response], dim=1), nfe=nfe, order=order)
+
+    def _decoding_settings(self, generation_config: GenerationConfig | dict | None, overrides: dict) -> dict:
+        if generation_config is None:
+            generation_config = self._saved_generation_config()
+        if isinstance(generation_config, dict):
+            saved, token_ids = generation_config, {}
+        else:
+            saved = getattr(generation_config, "diffusion", None) or {}
+            token_ids = {name: getattr(generation_config, name, None) for name in ("mask_token_id", "eos_token_id")}
+        unknown = sorted((set(saved) | set(overrides)) - set(DEFAULT_DECODING))
+        if unknown:
+            raise ValueError(f"unknown decoding setting(s) {', '.join(unknown)} (known: {', '.join(DEFAULT_DECODING)})")
+        settings = {**DEFAULT_DECODING, **saved, **overrides}
+        for name in ("mask_token_id", "eos_token_id"):
+            if settings[name] is None:
+                settings[name] = token_ids.get(name)
+            if settings[name] is None:
+                settings[name] = getattr(self.config, name)
+        if settings["decoder"] not in DECODERS:
+            raise ValueError(f"decoder: unknown name '{settings['decoder']}' (known: {', '.join(DECODERS)})")
+        gen_length = settings["gen_length"]
+        block_length = settings["block_length"] or gen_length
+        steps = settings["steps"] or gen_length
+        if gen_length % block_length:
+            raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+        if steps % (gen_length // block_length) or steps > gen_length:
+            raise ValueError(
+                f"steps {steps} must divide evenly over {gen_length // block_length} blocks and be <= "
+                f"gen_length {gen_length}"
+            )
+        if settings["fixed_length"] is not None and settings["fixed_length"] > gen_length:
+            raise ValueError(f"fixed_length {settings['fixed_length']} exceeds gen_length {gen_length}")
+        settings.update(block_length=block_length, steps=steps)
+        return settings
+
+    def _saved_generation_config(self) -> GenerationConfig | None:
+        # transformers reads generation_config.json only for models with `generate`; this one reads it itself, once,
+        # from where the weights came from.
+        if "_diffusion_generation_config" not in self.__dict__:
+            try:
+                found = GenerationConfig.from_pretrained(self.name_or_path)
+            except (OSError, ValueError, TypeError):
+                found = None
+            self.__dict__["_diffusion_generation_config"] = found
+        return self.__dict__["_diffusion_generation_config"]

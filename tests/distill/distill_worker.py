@@ -7,7 +7,8 @@ records itself and, in one process group:
   student kind, `--max-steps` steps each, in `O/<combo>`. After the engine is built it checks that the teacher's
   parameters are ordinary full tensors, equal to the checkpoint's, while the student's are partitioned under
   ZeRO-3. Writes `result-<combo>-rank<r>.json` (summary, those checks) and `full-<combo>.pt` (rank 0's gathered
-  weights); the student is saved in `O/<combo>/student`.
+  weights); the student is saved in `O/<combo>/student` and the resolved recipe in `O/<combo>/recipe.yaml`, so
+  `O/<combo>` is a run directory `distill export` reads.
 - `--nan-on-rank R`: a phase `O/nan` (ZeRO-2, checkpoint every 2 steps) whose loss is NaN at step 3 on rank R
   only; writes `result-nan-rank<r>.json` with the `TrainingDiverged` message of each rank.
 - `--resumable NAME`: one resumable phase `O/NAME` (ZeRO-2 with CPU optimizer offload, LoRA, a checkpoint every step,
@@ -30,13 +31,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from distill.distill import build_distillation, save_student  # noqa: E402
-from distill.recipe import Recipe, load_deepspeed_file, validate_tree  # noqa: E402
+from distill.recipe import Recipe, dump_recipe, load_deepspeed_file, validate_tree  # noqa: E402
 from distill.trainer import TrainingDiverged  # noqa: E402
 from teachers.interface import load_teacher  # noqa: E402
 from tests.distill.trainer_worker import nan_at_call  # noqa: E402
 
 CANVAS = 8
 RESUMABLE_STEPS = 6
+COMBOS = [f"zero{stage}-{kind}" for kind in ("full", "lora") for stage in (1, 2, 3)]
+
+
+def worker_command(teacher_dir: Path, out: Path, *args: str) -> list[str]:
+    """The torchrun command (two ranks) that runs this worker with `args`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return command + ["-m", "tests.distill.distill_worker", "--teacher", str(teacher_dir), "--out", str(out), *args]
 
 
 def trajectory_records(teacher_dir: Path, count: int = 8) -> list[dict]:
@@ -98,6 +106,8 @@ def main() -> None:
             args.teacher, args.out / combo, kind, {"max_steps": args.max_steps, "deepspeed": zero_profile(stage)}
         )
         teacher, trainer = build_distillation(recipe, args.teacher, records, args.out / combo)
+        if rank == 0:
+            (args.out / combo / "recipe.yaml").write_text(dump_recipe(recipe))
         teacher_full = all(not hasattr(parameter, "ds_id") for parameter in teacher.model.parameters()) and all(
             torch.equal(value, checkpoint_teacher[name]) for name, value in teacher.model.state_dict().items()
         )

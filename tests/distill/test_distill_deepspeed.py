@@ -1,8 +1,9 @@
 """The distillation phase on real DeepSpeed (CPU, gloo): ZeRO 1-3 x full/LoRA students at two ranks with the teacher
 kept whole, NaN guard, SIGKILL then resume, and SDTT runs whose resume lands in the right round.
 
-Two-rank runs start `torchrun` on `distill_worker.py` (one invocation runs every ZeRO stage x student kind, the NaN
-phase and the uninterrupted reference of the resume test); SDTT runs happen in the pytest process (a world of one).
+Two-rank runs start `torchrun` on `distill_worker.py` (one invocation, the session fixture `two_ranks` in conftest.py,
+runs every ZeRO stage x student kind, the NaN phase and the uninterrupted reference of the resume test); SDTT runs
+happen in the pytest process (a world of one).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,24 +24,9 @@ from transformers import AutoModel
 from distill.distill import SDTT_ROUNDS_DIR, distill_student, prune_stale_rounds
 from distill.recipe import validate_tree
 from distill.trainer import checkpoint_tag, list_checkpoints
-from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
-from tests.distill.distill_worker import RESUMABLE_STEPS
+from teachers.interface import load_teacher
+from tests.distill.distill_worker import COMBOS, RESUMABLE_STEPS, worker_command
 from tests.launch import REPO, child_env, run_launched
-
-COMBOS = [f"zero{stage}-{kind}" for kind in ("full", "lora") for stage in (1, 2, 3)]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    save_teacher(new_tiny_teacher(32, 64, 1, 2, 1, 64), path)
-    return path
-
-
-def torchrun(teacher_dir: Path, out: Path, *args: str) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return command + ["-m", "tests.distill.distill_worker", "--teacher", str(teacher_dir), "--out", str(out), *args]
 
 
 def run_workers(command: list[str], out: Path) -> None:
@@ -55,14 +40,6 @@ def losses(phase_dir: Path) -> list[float]:
 def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
     assert first.keys() == second.keys()
     return max((first[name].float() - second[name].float()).abs().max().item() for name in first)
-
-
-@pytest.fixture(scope="module")
-def two_ranks(teacher_dir, tmp_path_factory) -> Path:
-    """One torchrun: 2 steps per ZeRO stage x student kind, the NaN phase, the uninterrupted resumable run."""
-    out = tmp_path_factory.mktemp("two_ranks")
-    run_workers(torchrun(teacher_dir, out, "--combos", *COMBOS, "--nan-on-rank", "1", "--resumable", "reference"), out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,7 +76,7 @@ def test_two_ranks_nan_in_a_distillation_loss_stops_every_rank(two_ranks):
 
 
 def test_sigkill_mid_distillation_then_resume_reproduces_the_uninterrupted_run(two_ranks, teacher_dir, tmp_path):
-    command = torchrun(teacher_dir, tmp_path, "--resumable", "killed")
+    command = worker_command(teacher_dir, tmp_path, "--resumable", "killed")
     checkpoints = tmp_path / "killed" / "distill" / "checkpoints"
     # A second per micro-batch leaves several seconds between the step-2 checkpoint and the end of the run.
     workers = subprocess.Popen(

@@ -134,11 +134,14 @@ def test_stale_checkpoints_and_trajectories_from_another_teacher_are_refused(tmp
 def test_quickstart_recipe_runs_every_stage_for_a_few_steps(tmp_path):
     out = tmp_path / "quickstart"
     args = ["run", "recipes/quickstart.yaml", f"run.output_dir={out}", f"run.cache_dir={tmp_path / 'cache'}", *TINY]
-    assert main(args + ["train.max_steps=2", "train.micro_batch_size=4", "trajectories.shards=2"]) == 0
+    # A teacher of 2 + 2 steps gets every answer wrong, so keep its trajectories anyway.
+    extra = ["train.max_steps=2", "train.micro_batch_size=4", "trajectories.shards=2", "trajectories.keep=all"]
+    assert main(args + extra) == 0
     assert json.loads((out / "trajectories" / "manifest.json").read_text())["samples"] == 40
     assert json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["stage_seconds"]) == ["data", "teacher", "trajectories", "distill", "eval"]
+    assert list(summary["stage_seconds"]) == ["data", "teacher", "trajectories", "distill", "eval", "export"]
+    assert (out / "export" / "verify.json").is_file()
     points = {(result["row"], result["decoder"]) for result in summary["results"]}
     assert {("student", "confident"), ("student", "multi_block"), ("teacher", "confident")} <= points
 
@@ -152,8 +155,70 @@ def test_sdtt_recipe_distills_without_trajectories_across_a_round_boundary(tmp_p
     )
     assert not (out / "trajectories").exists()
     lines = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
-    assert [(line["sdtt_round"], line["sdtt_teacher_steps"]) for line in lines] == [(0, 32), (1, 16)]
+    assert [(line["sdtt_round"], line["sdtt_teacher_steps"]) for line in lines] == [(0, 24), (1, 12)]
     assert (out / "distill" / "sdtt-rounds" / "round-01" / "round.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     steps = {result["knob"] for result in summary["results"] if result["row"] == "student"}
     assert steps == {2, 3, 4, 6, 8, 12, 24}
+    # Round 1's starting teacher is scored too, and the curve pairs each round's teacher with its student.
+    assert {result["row"] for result in summary["results"]} == {"teacher", "ar-baseline", "student", "sdtt-round-01"}
+    curve = json.loads((out / "eval" / "sdtt_curve.json").read_text())
+    assert [(p["round"], p["teacher"], p["student"]) for p in curve] == [
+        (0, "teacher", "sdtt-round-01"),
+        (1, "sdtt-round-01", "sdtt-round-02"),
+        (2, "sdtt-round-02", "student"),
+    ]
+    assert curve[0]["teacher_accuracy"] is not None and curve[0]["student_accuracy"] is not None
+    assert curve[1]["student_accuracy"] is None  # round 2 never started in these 2 steps
+
+
+def _report_row(name, decoder_name, points):
+    return {"name": name, "decoder_name": decoder_name, "points": [{"knob": k, "accuracy": a} for k, a in points]}
+
+
+def test_sdtt_curve_pairs_each_round_teacher_with_its_student_at_half_the_steps():
+    from distill.recipe import load_recipe
+    from distill.run import sdtt_curve, sdtt_round_rows
+
+    recipe = load_recipe("recipes/sdtt-tiny.yaml", ["targets.teacher_steps=24", "targets.rounds=3"])
+    schedule = sdtt_round_rows(recipe)
+    assert [(s["teacher"], s["teacher_steps"], s["student"], s["student_steps"]) for s in schedule] == [
+        ("teacher", 24, "sdtt-round-01", 12),
+        ("sdtt-round-01", 12, "sdtt-round-02", 6),
+        ("sdtt-round-02", 6, "student", 3),
+    ]
+    assert schedule[0]["teacher_path"] is None and schedule[1]["teacher_path"].endswith("sdtt-rounds/round-01")
+    rows = [
+        _report_row("teacher", "low_confidence", [(24, 100.0), (12, 7.0)]),
+        _report_row("sdtt-round-01", "low_confidence", [(12, 99.0), (6, 40.0)]),
+        _report_row("sdtt-round-02", "confident", [(6, 50.0)]),  # another decoder: not a fixed-step point
+        _report_row("student", "low_confidence", [(3, 97.5)]),
+    ]
+    curve = sdtt_curve({"tasks": [{"task": "addends", "rows": rows}]}, schedule)
+    assert [(p["teacher_accuracy"], p["student_accuracy"], p["student_minus_teacher"]) for p in curve] == [
+        (100.0, 99.0, -1.0),
+        (99.0, None, None),
+        (None, 97.5, None),
+    ]
+
+
+def test_summary_lines_show_each_rows_fastest_point_within_two_points_of_its_best():
+    from distill.run import summary_lines
+
+    point = {"task": "addends", "decoder": "confident", "nfe": 1.0, "tokens_per_s": 1.0, "samples": 2, "knob": 0.5}
+    results = [
+        point | {"row": "student", "aup": 500.0, "accuracy": 99.0, "tpf": 2.0},
+        point | {"row": "student", "aup": 500.0, "accuracy": 97.5, "tpf": 6.0},
+        point | {"row": "student", "aup": 500.0, "accuracy": 90.0, "tpf": 12.0},
+    ]
+    summary = {
+        "run": "x",
+        "total_seconds": 12.0,
+        "stage_seconds": {"data": 1.0, "eval": 11.0},
+        "results": results,
+        "checkpoints": {"student": "runs/x/student"},
+    }
+    lines = summary_lines(summary)
+    assert lines[0] == "x: 12 s (data 1 s, eval 11 s)"
+    assert lines[2].split() == ["addends", "student", "confident", "500.0", "97.50%", "6.00"]
+    assert lines[-1] == "student: runs/x/student"

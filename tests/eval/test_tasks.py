@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from distill.recipe import AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
+from distill.recipe import AddendsTask, AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
 from eval import tasks
 from eval.tasks import (
     COLUMNS,
@@ -356,3 +356,55 @@ def test_failed_generation_leaves_nothing_behind(tmp_path) -> None:
 def test_load_from_a_missing_directory_is_an_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task_datasets(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# addends: many right answers
+
+
+def test_addends_references_are_fixed_width_carry_free_splits_of_the_number():
+    records = generate(AddendsTask(name="addends", train_size=300, eval_size=0), "train", seed=3)
+    for record in records:
+        match = re.fullmatch(r"(\d{5})=\?\+\?", record["prompt"])
+        assert match and int(match[1]) == int(record["answer"])
+        first, second = re.fullmatch(r"#### (\d{5})\+(\d{5})", record["response"]).groups()
+        assert int(first) + int(second) == int(record["answer"])
+        # Column by column: the digits of the two addends add up to the number's digit (no carries).
+        assert all(int(a) + int(b) == int(n) for a, b, n in zip(first, second, match[1], strict=True))
+        assert is_correct(record["response"], record["answer"], "addends")
+
+
+def test_addends_even_split_one_gives_the_even_split_and_zero_gives_varied_splits():
+    even = generate(AddendsTask(name="addends", train_size=50, eval_size=0, even_split=1.0), "train", seed=0)
+    for record in even:
+        number = record["prompt"][:5]
+        expected = "".join(str(int(digit) // 2) for digit in number)
+        assert record["response"].startswith(f"#### {expected}+")
+    varied = generate(AddendsTask(name="addends", train_size=200, eval_size=0, even_split=0.0), "train", seed=0)
+    evens = sum(r["response"][5:10] == "".join(str(int(d) // 2) for d in r["prompt"][:5]) for r in varied)
+    assert evens < len(varied) / 2
+
+
+@pytest.mark.parametrize(
+    ("output", "right"),
+    [
+        ("#### 00421+00211", True),  # the reference
+        ("#### 00632+00000", True),  # any split with the right sum
+        ("#### 347+285", True),  # with carries, without leading zeros
+        ("#### 00421+00212", False),  # wrong sum
+        ("#### 632", False),  # the number itself is not a split
+        ("#### 00421-00211", False),
+        ("00421+00211", False),  # no answer marker
+    ],
+)
+def test_addends_scoring_accepts_every_split_with_the_right_sum(output, right):
+    assert is_correct(output, "632", "addends") is right
+    # Without the task name the reference number is compared exactly, as for every other task.
+    assert is_correct("#### 632", "632") is True
+
+
+def test_addends_digit_range_is_validated():
+    with pytest.raises(ValueError, match="min_digits"):
+        AddendsTask(name="addends", min_digits=4, max_digits=2)
+    with pytest.raises(ValueError):
+        AddendsTask(name="addends", even_split=1.5)

@@ -1,12 +1,16 @@
-"""The embedded model and the teacher interface: save/reload, logit alignment, attention modes, cache."""
+"""The embedded model and the teacher interface: save/reload, logit alignment, attention modes, cache, and the
+model's own `diffusion_generate` against the decoding engine."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from distill.decoding import decode, left_pad
+from distill.recipe import DecoderConfig
 from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
 from teachers.tokenizer import build_char_tokenizer
 
@@ -133,3 +137,55 @@ def test_prefix_cache_exact_for_causal_and_close_for_bidirectional():
     cache = teacher.prefill(ids[:, :prompt_len], mask[:, :prompt_len])
     approx = teacher.forward(ids[:, prompt_len:], mask[:, prompt_len:], cache=cache)
     assert approx.shape == full.shape and torch.isfinite(approx).all()
+
+
+# diffusion_generate restates the decoding engine inside the modeling file (exports load it without fewstep); the
+# two must commit the same tokens at the same steps. The LM head is scaled so confidences spread over (0, 1) and
+# every threshold below commits some positions by the threshold rule and leaves others to the fallback.
+GENERATE_CASES = [
+    {"name": "confident", "threshold": 0.5, "block_length": 8},
+    {"name": "confident", "threshold": 0.2, "confidence": "margin", "steps": 8},
+    {"name": "confident", "threshold": 0.9, "fixed_length": 10, "pins": {-4: "####"}},
+    {"name": "threshold", "threshold": 0.5, "block_length": 4},
+    {"name": "multi_block", "threshold": 1.0, "block_length": 4},
+    {"name": "multi_block", "threshold": 2.0, "block_length": 8, "activate_fraction": 0.3, "eos_fill": False},
+    {"name": "low_confidence", "steps": 8, "block_length": 4},
+    {"name": "low_confidence", "steps": 16, "block_length": 1},
+    {"name": "low_confidence", "remasking": "random", "steps": 8, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
+]
+
+
+@pytest.mark.parametrize("settings", GENERATE_CASES, ids=lambda case: "-".join(map(str, case.values())))
+def test_diffusion_generate_matches_the_decoding_engine(settings):
+    teacher = tiny()
+    with torch.no_grad():
+        teacher.model.lm_head.weight.mul_(30)
+    questions = ["12+34=", "sort 3 1 2", "7+8=", "999+1=", "hello"]
+    prompts = [teacher.encode_prompt(question) for question in questions]
+    config = DecoderConfig(**settings, cache="none")
+    expected = decode(teacher, prompts, config, 16, torch.Generator().manual_seed(3))
+    ids, mask = left_pad(prompts, teacher.pad_token_id)
+    pin_ids = {
+        str(position): teacher.tokenizer.encode(text, add_special_tokens=False)
+        for position, text in config.pins.items()
+    }
+    fields = ("steps", "block_length", "threshold", "confidence", "remasking", "temperature", "top_k", "top_p")
+    fields += ("activate_fraction", "full_activate_fraction", "eos_fill", "fixed_length")
+    generation = {"decoder": config.name, "gen_length": 16, "pin_ids": pin_ids} | {
+        name: getattr(config, name) for name in fields
+    }
+    out = teacher.model.diffusion_generate(
+        ids, attention_mask=mask, generation_config=generation, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    assert torch.equal(out.sequences[:, ids.shape[1] :], expected.tokens)
+    assert torch.equal(out.nfe, expected.nfe) and torch.equal(out.order, expected.order)
+
+
+def test_diffusion_generate_rejects_unknown_settings_and_bad_lengths():
+    teacher = tiny()
+    ids, mask = left_pad([teacher.encode_prompt("1+1=")], teacher.pad_token_id)
+    with pytest.raises(ValueError, match="unknown decoding setting"):
+        teacher.model.diffusion_generate(ids, mask, generation_config={}, threshhold=0.5)
+    with pytest.raises(ValueError, match="not a multiple of block_length"):
+        teacher.model.diffusion_generate(ids, mask, generation_config={"gen_length": 10, "block_length": 4})

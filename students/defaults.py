@@ -1,0 +1,79 @@
+"""The decoding defaults a distilled student is exported with (`generation_config.json`, `diffusion_generate`).
+
+The student's best point in the run's AUP report when it has one, else the recipe's first eval decoder; written
+for full forwards (`cache: none`), the only mode of the exported `diffusion_generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distill.recipe import DecoderConfig, Recipe
+from teachers.interface import Teacher
+
+
+def _conservative_first(decoder: str, knob_name: str):
+    # Among equally good points prefer the one that commits less per forward: more steps, a higher confidence
+    # bound, a lower entropy bound.
+    if knob_name == "steps" or decoder in ("confident", "threshold"):
+        return lambda knob: -knob
+    return lambda knob: knob
+
+
+def recommended_decoder(recipe: Recipe, report: dict | None) -> tuple[DecoderConfig, str]:
+    """The decoder the export recommends (full forwards, `cache: none`, `gen_length` set) and where it came from.
+
+    With a report holding `student` rows: the decoder with the best mean AUP over tasks, at its fastest knob value
+    (highest mean TPF) whose mean accuracy is within 1 point of that decoder's best (ties: the more conservative
+    value). Without one: the recipe's first eval decoder at its own settings.
+    """
+    rows: dict[str, list[dict]] = {}
+    for entry in (report or {}).get("tasks", []):
+        for row in entry["rows"]:
+            if row["name"] == "student" and row.get("aup") is not None:
+                rows.setdefault(row["decoder"], []).append(row)
+    if not rows:
+        base = recipe.eval.decoder
+        settings = base.model_dump(exclude={"label", "sweep"})
+        source = f"the recipe's eval decoder `{base.report_name}` (no student rows in the run's report)"
+    else:
+        label = max(rows, key=lambda name: sum(row["aup"] for row in rows[name]) / len(rows[name]))
+        chosen = rows[label]
+        by_knob: dict[Any, list[dict]] = {}
+        for row in chosen:
+            for point in row["points"]:
+                by_knob.setdefault(point["knob"], []).append(point)
+        mean = {
+            knob: (sum(p["accuracy"] for p in points) / len(points), sum(p["tpf"] for p in points) / len(points))
+            for knob, points in by_knob.items()
+        }
+        best_accuracy = max(accuracy for accuracy, _ in mean.values())
+        near_best = [knob for knob, (accuracy, _) in mean.items() if accuracy >= best_accuracy - 1.0]
+        order = _conservative_first(chosen[0]["decoder_name"], chosen[0]["knob_name"])
+        knob = max(sorted(near_best, key=order), key=lambda value: mean[value][1])
+        settings = dict(chosen[0]["settings"]) | {chosen[0]["knob_name"]: knob}
+        accuracy, tpf = mean[knob]
+        mean_aup = sum(row["aup"] for row in chosen) / len(chosen)
+        source = (
+            f"the run's report: student · {label} at {chosen[0]['knob_name']}={knob} (accuracy {accuracy:.2f}%, "
+            f"TPF {tpf:.2f}, AUP {mean_aup:.1f}, mean over {len(chosen)} task(s))"
+        )
+    if settings.get("cache") not in (None, "none"):
+        source += f"; measured with KV cache `{settings['cache']}`, which `diffusion_generate` does without"
+    settings |= {"gen_length": settings.get("gen_length") or recipe.data.max_response_tokens, "cache": "none"}
+    return DecoderConfig.model_validate(settings), source
+
+
+def generation_settings(decoder: DecoderConfig, teacher: Teacher) -> dict[str, Any]:
+    """The `diffusion` entry of generation_config.json: what the exported `diffusion_generate` reads."""
+    pin_ids = {
+        str(position): teacher.tokenizer.encode(text, add_special_tokens=False)
+        for position, text in decoder.pins.items()
+    }
+    fields = ("steps", "block_length", "threshold", "confidence", "remasking", "temperature", "top_k", "top_p")
+    fields += ("activate_fraction", "full_activate_fraction", "eos_fill", "fixed_length")
+    return (
+        {"decoder": decoder.name, "gen_length": decoder.gen_length}
+        | {name: getattr(decoder, name) for name in fields}
+        | {"pin_ids": pin_ids}
+    )
