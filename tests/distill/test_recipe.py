@@ -168,3 +168,9 @@ def test_stray_flag_is_rejected(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["run", "recipes/teacher-tiny.yaml", "--bogus"])
     assert caught.value.code == 2
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(tmp_path, capsys):
+    # `deepspeed --module distill.cli run ...` starts each rank as `python -m distill.cli --local_rank=N run ...`.
+    assert main(["--local_rank=1", "validate", str(write(tmp_path, MINIMAL))]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["output_dir"] == "runs/t"
