@@ -35,7 +35,7 @@ from distill.data import SequencePool, encode_records
 from distill.losses import certainty_forcing_loss, mask_tokens, masked_ce, masked_diffusion_loss
 from distill.ranks import current_rank
 from distill.recipe import LossTerm, Recipe
-from distill.sdtt import TeacherRounds, sdtt_loss_fn
+from distill.sdtt import SDTT_ROUNDS_DIR, TeacherRounds, sdtt_loss_fn
 from distill.trainer import BatchFn, LossFn, Trainer, latest_complete_checkpoint
 from distill.trajectories import data_hash, teacher_hash
 from students.build import build_student, freeze, merged_model, trainable_parameters
@@ -43,7 +43,6 @@ from teachers.interface import Teacher, load_teacher, save_teacher
 
 # Lower bound of t for the `masked_diffusion` regulariser (as in teacher pretraining's default).
 MASK_EPS = 1e-3
-SDTT_ROUNDS_DIR = "sdtt-rounds"
 
 
 # ----------------------------------------------------------------------------------------------------------------

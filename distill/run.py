@@ -154,19 +154,20 @@ def sdtt_round_rows(recipe: Recipe) -> list[dict]:
     """The SDTT schedule as eval rows: per round, the row of its teacher (`teacher`, then each later round's saved
     starting teacher `sdtt-round-XX`) with its step count, and the row of the student the round trained (the next
     round's teacher, `student` for the last round), which should match the teacher with half the steps."""
-    from distill.sdtt import sdtt_round  # imports the decoding engine; only needed for SDTT runs
+    # Imports the decoding engine; only needed for SDTT runs.
+    from distill.sdtt import SDTT_ROUNDS_DIR, round_of, saved_round_dir
 
     targets = recipe.targets
-    rounds_dir = Path(recipe.run.output_dir) / "distill" / "sdtt-rounds"
+    rounds_dir = Path(recipe.run.output_dir) / "distill" / SDTT_ROUNDS_DIR
     names = ["teacher"] + [f"sdtt-round-{index:02d}" for index in range(1, targets.rounds)] + ["student"]
     schedule = []
     for index in range(targets.rounds):
-        current = sdtt_round(index * targets.steps_per_round, targets.steps_per_round, targets.teacher_steps)
+        current = round_of(targets, index * targets.steps_per_round)
         schedule.append(
             {
                 "round": index,
                 "teacher": names[index],
-                "teacher_path": None if index == 0 else str(rounds_dir / f"round-{index:02d}"),
+                "teacher_path": None if index == 0 else str(saved_round_dir(rounds_dir, index)),
                 "teacher_steps": current.teacher_steps,
                 "student": names[index + 1],
                 "student_steps": current.student_steps,

@@ -44,6 +44,7 @@ from distill.recipe import DecoderConfig, TargetsConfig
 from teachers.interface import Teacher, save_teacher
 
 TEACHER_STEPS = 2  # SDTT's teacher takes two steps per student step
+SDTT_ROUNDS_DIR = "sdtt-rounds"  # under the distillation phase directory
 DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "reverse_kl": reverse_kl,
     "forward_kl": forward_kl,
@@ -162,6 +163,16 @@ def sdtt_round(step: int, steps_per_round: int, teacher_steps: int = 1024, round
     )
 
 
+def round_of(config: TargetsConfig, step: int) -> SDTTRound:
+    """The round of the recipe's SDTT schedule after `step` optimizer steps."""
+    return sdtt_round(step, config.steps_per_round, config.teacher_steps, config.rounds)
+
+
+def saved_round_dir(rounds_dir: Path, index: int) -> Path:
+    """Where round `index`'s starting teacher is saved (`round-XX`; round 0's teacher is the initial one)."""
+    return Path(rounds_dir) / f"round-{index:02d}"
+
+
 class TeacherRounds:
     """Keeps the frozen teacher in the round of the current optimizer step (see the resume contract above).
 
@@ -179,10 +190,10 @@ class TeacherRounds:
         teacher.model.requires_grad_(False).eval()
 
     def schedule(self, step: int) -> SDTTRound:
-        return sdtt_round(step, self.config.steps_per_round, self.config.teacher_steps, self.config.rounds)
+        return round_of(self.config, step)
 
     def round_dir(self, index: int) -> Path:
-        return self.rounds_dir / f"round-{index:02d}"
+        return saved_round_dir(self.rounds_dir, index)
 
     def update(self, step: int, student: torch.nn.Module) -> SDTTRound:
         """The round of `step`; on entering a new round the teacher becomes that round's teacher."""

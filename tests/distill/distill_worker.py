@@ -32,9 +32,8 @@ if __package__ in (None, ""):
 
 from distill.distill import build_distillation, save_student  # noqa: E402
 from distill.recipe import Recipe, dump_recipe, load_deepspeed_file, validate_tree  # noqa: E402
-from distill.trainer import TrainingDiverged  # noqa: E402
 from teachers.interface import load_teacher  # noqa: E402
-from tests.distill.trainer_worker import nan_at_call  # noqa: E402
+from tests.distill.trainer_worker import divergence_message, nan_at_call  # noqa: E402
 
 CANVAS = 8
 RESUMABLE_STEPS = 6
@@ -134,11 +133,7 @@ def main() -> None:
         _, trainer = build_distillation(recipe, args.teacher, records, args.out / "nan")
         if rank == args.nan_on_rank:
             trainer.loss_fn = nan_at_call(trainer.loss_fn, 3)
-        try:
-            trainer.train()
-            message = None
-        except TrainingDiverged as error:
-            message = str(error)
+        message = divergence_message(trainer)
         (args.out / f"result-nan-rank{rank}.json").write_text(json.dumps({"error": message}) + "\n")
 
     if args.resumable is not None:

@@ -39,14 +39,6 @@ from tests.launch import REPO, child_env, run_launched
 CANVAS, BLOCK = 24, 8
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    save_teacher(new_tiny_teacher(32, 64, 2, 2, 1, 64), path)
-    return path
-
-
 def recipe_file(tmp_path: Path, teacher_dir: Path, name: str = "run", train_size: int = 24, **trajectories) -> Path:
     tree = {
         "run": {"name": name, "output_dir": str(tmp_path / name), "stages": ["trajectories"]},

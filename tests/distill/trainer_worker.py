@@ -98,6 +98,15 @@ def nan_at_call(loss_fn: LossFn, call: int) -> LossFn:
     return poisoned
 
 
+def divergence_message(trainer) -> str | None:
+    """Train to the end; the `TrainingDiverged` message if the run stopped on a non-finite loss, else None."""
+    try:
+        trainer.train()
+    except TrainingDiverged as error:
+        return str(error)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -153,11 +162,7 @@ def main() -> None:
     if args.diverge_on_rank is not None:
         loss_fn = nan_at_call(masked_next_token_loss, 3) if rank == args.diverge_on_rank else masked_next_token_loss
         trainer = trainer_for("diverge", 0, loss_fn, checkpoint_every=2)
-        try:
-            trainer.train()
-            message = None
-        except TrainingDiverged as error:
-            message = str(error)
+        message = divergence_message(trainer)
         (args.out / f"result-diverge-rank{rank}.json").write_text(json.dumps({"error": message}) + "\n")
 
     # Leave the group explicitly: a process that exits with gloo's threads still running can abort at exit
