@@ -154,13 +154,12 @@ def _model_card(
     ]
     if adapter:
         load += ["from peft import PeftModel", "", 'model = PeftModel.from_pretrained(model, "PATH/adapter").eval()']
-    if provenance["teacher"]["name"] == "tiny":
-        load += [
-            f"prompt = tokenizer.apply_chat_template([{{'role': 'user', 'content': {example!r}}}],",
-            "                                       add_generation_prompt=True, return_tensors='pt', return_dict=True)",
-            'out = model.diffusion_generate(prompt["input_ids"], attention_mask=prompt["attention_mask"])',
-            'print(tokenizer.decode(out.sequences[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True))',
-        ]
+    load += [
+        f"prompt = tokenizer.apply_chat_template([{{'role': 'user', 'content': {example!r}}}],",
+        "                                       add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+        'out = model.diffusion_generate(prompt["input_ids"], attention_mask=prompt["attention_mask"])',
+        'print(tokenizer.decode(out.sequences[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]
     checkpoint, teacher = provenance["checkpoint"], provenance["teacher"]
     lines = [
         "---",
@@ -238,11 +237,8 @@ def write_folder(
     model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype])
     model.save_pretrained(folder, max_shard_size=settings.max_shard_size)
     student.tokenizer.save_pretrained(folder)
-    # Backbones brought as remote code (Dream, LLaDA, Dimple) ship their files with the teacher; the tiny model's
-    # are copied by save_pretrained itself (it registers them with the Auto classes).
-    for source in teacher_dir.glob("*.py"):
-        if not (folder / source.name).exists():
-            shutil.copy2(source, folder / source.name)
+    # save_pretrained wrote fewstep's configuration/modeling files for the backbone, and `diffusion_generation.py`
+    # they import, with the `auto_map` naming them (the classes are registered for the Auto classes).
     if "auto_map" not in json.loads((folder / "config.json").read_text()):
         raise ExportError(f"{folder / 'config.json'}: no auto_map, the folder would not load without fewstep")
 
@@ -253,10 +249,14 @@ def write_folder(
     tokenizer = student.tokenizer
     token_ids = {
         "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": student.eos_token_id,
+        # The end-of-turn token first: it ends an answer for `diffusion_generate`, as for fewstep's decoders.
+        "eos_token_id": list(dict.fromkeys([student.end_token_id, student.eos_token_id])),
         "pad_token_id": student.pad_token_id,
         "mask_token_id": student.mask_token_id,
     }
+    # A generation config derived from a model config (`_from_model_config`, as save_pretrained writes one) drops
+    # every name GenerationConfig does not declare when read back; this one is written on purpose.
+    generation._from_model_config = False
     # setattr rather than `update`, which skips names GenerationConfig does not declare (mask id, diffusion).
     for name, value in (token_ids | {"diffusion": diffusion}).items():
         setattr(generation, name, value)

@@ -22,7 +22,7 @@ from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
 from distill.ranks import current_rank
 from distill.recipe import Recipe, TrainConfig
 from distill.trainer import RESUME_SAFE_FIELDS, Trainer
-from teachers.interface import Teacher, new_tiny_teacher, save_teacher
+from teachers.interface import Teacher, new_teacher, save_teacher
 
 
 def ar_loss(teacher: Teacher):
@@ -92,10 +92,10 @@ def _train_phase(
 
 
 def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """Pretrain the tiny teacher; returns `(teacher_dir, ar_baseline_dir)` under `out_dir`."""
+    """Pretrain a tiny teacher of the recipe's backbone; returns `(teacher_dir, ar_baseline_dir)` under `out_dir`."""
     spec = recipe.teacher.pretrain
     torch.manual_seed(recipe.run.seed)
-    teacher = new_tiny_teacher(**spec.model.model_dump())
+    teacher = new_teacher(recipe.teacher.name, spec.model.model_dump())
     examples = encode_records(teacher, train_records, recipe.data.max_response_tokens)
     teacher_dir, ar_dir = out_dir / "teacher", out_dir / "ar-baseline"
 

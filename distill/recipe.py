@@ -294,7 +294,7 @@ class TrainConfig(Section):
 
 
 class ModelSizeConfig(Section):
-    """Sizes of the embedded Dimple-family model (Qwen2-style blocks)."""
+    """Sizes of a pretrained tiny teacher (in Qwen2 terms; mapped onto each backbone's config)."""
 
     hidden_size: PositiveInt = 128
     intermediate_size: PositiveInt = 384
@@ -347,16 +347,19 @@ class PretrainConfig(Section):
 class TeacherConfig(Section):
     """Which teacher backbone to use and where its weights come from.
 
-    - `name`: backbone behind the teacher interface: `tiny` (embedded, trained by fewstep), `dimple`, `dream`
-      (shifted logits, mask id 151666) or `llada` (unshifted, mask id 126336).
-    - `path`: a saved checkpoint directory (local). Null with `name: tiny` means pretrain one (see `pretrain`).
+    - `name`: the backbone: `llada` (LLaDA-8B-Instruct), `dream` (Dream-v0-Instruct-7B) or `dimple` (Dimple-7B);
+      each loads with fewstep's native class (`teachers/backbones/`), its own config.json and safetensors
+      unchanged. Null reads it from `path`'s config.json (`model_type`); with `pretrain` and no `path`, null means
+      `dream`, the embedded default (a tiny model of the Dimple family's language model).
+    - `path`: a checkpoint folder (local): a downloaded published checkpoint or one fewstep wrote. Null means
+      pretrain one (see `pretrain`).
     - `dtype`: weights dtype for inference: `fp32` or `bf16`.
-    - `pretrain`: how to pretrain the tiny teacher when `path` is null. When both are set, `path` wins and
+    - `pretrain`: how to pretrain a tiny teacher when `path` is null. When both are set, `path` wins and
       `pretrain` is ignored, so a pretraining recipe is pointed at an existing checkpoint with one override
       (`teacher.path=runs/teacher-tiny/teacher`).
     """
 
-    name: Literal["tiny", "dimple", "dream", "llada"] = "tiny"
+    name: Literal["llada", "dream", "dimple"] | None = None
     path: Path | None = None
     dtype: Literal["fp32", "bf16"] = "fp32"
     pretrain: PretrainConfig | None = None
@@ -367,8 +370,20 @@ class TeacherConfig(Section):
     def _has_weights(self) -> TeacherConfig:
         if self.path is None and self.pretrain is None:
             raise ValueError("set teacher.path to a checkpoint or give a teacher.pretrain section")
-        if self.path is None and self.name != "tiny":
-            raise ValueError(f"teacher '{self.name}' cannot be pretrained here; set teacher.path")
+        if self.path is None:
+            self.name = self.name or "dream"
+            return self
+        from teachers.interface import backbone_of  # the models' floor; imported here to keep validation light
+
+        if not any(Path(self.path).glob("*.safetensors")):
+            raise ValueError(f"path: {self.path} holds no *.safetensors weights")
+        try:
+            found = backbone_of(self.path).name
+        except OSError as error:
+            raise ValueError(str(error)) from None
+        if self.name is not None and self.name != found:
+            raise ValueError(f"name: '{self.name}', but {Path(self.path) / 'config.json'} holds a {found} checkpoint")
+        self.name = found
         return self
 
 
@@ -865,23 +880,16 @@ class LoraConfig(Section):
 
     - `r`: adapter rank. `alpha`: scaling numerator (the update is scaled by alpha / r). `dropout`: on the
       adapter input.
-    - `target_modules`: module names to adapt; the default covers every linear layer of Qwen2-style blocks
-      (Dream, Dimple, the tiny model). LLaDA names its projections differently (e.g. `q_proj`, `k_proj`,
-      `v_proj`, `attn_out`, `ff_proj`, `up_proj`, `ff_out`): set them here for it.
+    - `target_modules`: module names to adapt (peft's list of name suffixes); null takes the backbone's default:
+      every linear layer of the decoder blocks (`q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`
+      for Dream and Dimple's language model, `q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out` for
+      LLaDA), never the output head or Dimple's vision tower.
     """
 
     r: PositiveInt = 16
     alpha: PositiveFloat = 16.0
     dropout: Fraction = 0.0
-    target_modules: Annotated[list[str], Field(min_length=1)] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
 
 
 class StudentConfig(Section):

@@ -209,8 +209,7 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
     tasks = recipe.eval.tasks or recipe.data.task_names()
     rows_by_task: dict[str, list[dict]] = {task: [] for task in tasks}
     for row, checkpoint in checkpoints.items():
-        model_name = recipe.teacher.name if recipe.teacher.path is not None else "tiny"
-        teacher = load_teacher(model_name, checkpoint, recipe.teacher.dtype)
+        teacher = load_teacher(recipe.teacher.name, checkpoint, recipe.teacher.dtype)
         hardware = hardware_name(teacher.device)
         for task in tasks:
             records = list(datasets[task]["eval"])

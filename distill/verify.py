@@ -197,9 +197,8 @@ for question in job["questions"]:
     )
     prompts.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
 outputs["prompts"] = prompts
-if job["generate"]:
-    generated = model.diffusion_generate(inputs["prompt_ids"], attention_mask=inputs["prompt_mask"])
-    outputs.update(sequences=generated.sequences, nfe=generated.nfe, order=generated.order)
+generated = model.diffusion_generate(inputs["prompt_ids"], attention_mask=inputs["prompt_mask"])
+outputs.update(sequences=generated.sequences, nfe=generated.nfe, order=generated.order)
 torch.save(outputs, job["outputs"])
 print(json.dumps({
     "python": sys.version.split()[0],
@@ -214,7 +213,7 @@ print(json.dumps({
 """
 
 
-def run_child(folder: Path, reference: Reference, dtype: str, adapter: bool, generate: bool, timeout: int) -> tuple:
+def run_child(folder: Path, reference: Reference, dtype: str, adapter: bool, timeout: int) -> tuple:
     """Step 2: `(facts the child printed, its tensors)`; VerifyError with the child's last line if it fails."""
     with tempfile.TemporaryDirectory(prefix="fewstep-verify-") as scratch:
         scratch = Path(scratch)
@@ -231,7 +230,6 @@ def run_child(folder: Path, reference: Reference, dtype: str, adapter: bool, gen
             "dtype": dtype,
             "threads": torch.get_num_threads(),
             "questions": reference.questions,
-            "generate": generate,
             "inputs": str(scratch / "inputs.pt"),
             "outputs": str(scratch / "outputs.pt"),
         }
@@ -290,12 +288,9 @@ def verify_export(folder: Path, reference: Reference, *, timeout: int = 900) -> 
     files = check_files(folder)
     provenance = read_json(folder / EXPORT_FILE)
     dtype = provenance["dtype"]
-    # Only fewstep's own modeling code (the tiny backbone) carries the `diffusion_generate` that restates its
-    # decoders; remote-code backbones bring their own generate with its own settings.
-    generate = provenance["teacher"]["name"] == "tiny"
-    if generate and "diffusion" not in read_json(folder / "generation_config.json"):
+    if "diffusion" not in read_json(folder / "generation_config.json"):
         raise VerifyError(f"{folder / 'generation_config.json'}: no `diffusion` decoding settings")
-    facts, outputs = run_child(folder, reference, dtype, files["adapter"], generate, timeout)
+    facts, outputs = run_child(folder, reference, dtype, files["adapter"], timeout)
 
     error = logit_error(dtype, outputs["logits"], reference.logits)
     result: dict[str, Any] = {
@@ -325,22 +320,19 @@ def verify_export(folder: Path, reference: Reference, *, timeout: int = 900) -> 
         failures.append(f"tokenizer: mask token {facts['mask_token']!r}, chat template {facts['chat_template']}")
     if not result["tokenizer"]["prompts_equal"]:
         failures.append("the chat template encodes the prompts differently from fewstep")
-    if generate:
-        expected, decoder = fewstep_decode(folder, provenance, reference, files["adapter"])
-        response = outputs["sequences"][:, reference.prompt_ids.shape[1] :]
-        result["decode"] = {
-            "prompts": len(reference.prompts),
-            "decoder": decoder.model_dump(mode="json"),
-            "tokens_equal": torch.equal(response, expected.tokens),
-            "nfe_equal": torch.equal(outputs["nfe"], expected.nfe),
-            "order_equal": torch.equal(outputs["order"], expected.order),
-            "nfe": expected.nfe.tolist(),
-        }
-        unequal = [key.removesuffix("_equal") for key, value in result["decode"].items() if value is False]
-        if unequal:
-            failures.append(f"diffusion_generate differs from fewstep's decoder in {', '.join(unequal)}")
-    else:
-        result["decode"] = {"skipped": f"the {provenance['teacher']['name']} backbone brings its own generate"}
+    expected, decoder = fewstep_decode(folder, provenance, reference, files["adapter"])
+    response = outputs["sequences"][:, reference.prompt_ids.shape[1] :]
+    result["decode"] = {
+        "prompts": len(reference.prompts),
+        "decoder": decoder.model_dump(mode="json"),
+        "tokens_equal": torch.equal(response, expected.tokens),
+        "nfe_equal": torch.equal(outputs["nfe"], expected.nfe),
+        "order_equal": torch.equal(outputs["order"], expected.order),
+        "nfe": expected.nfe.tolist(),
+    }
+    unequal = [key.removesuffix("_equal") for key, value in result["decode"].items() if value is False]
+    if unequal:
+        failures.append(f"diffusion_generate differs from fewstep's decoder in {', '.join(unequal)}")
     result.update(ok=not failures, failures=failures, seconds=round(time.perf_counter() - began, 2))
     write_json(folder / VERIFY_FILE, result)
     if failures:

@@ -101,8 +101,7 @@ def run_decode_bench(
     records = list(datasets[task]["eval"])[:samples]
     if not records:
         raise ValueError(f"bench: task '{task}' has no eval samples")
-    model_name = recipe.teacher.name if recipe.teacher.path is not None else "tiny"
-    teacher = load_teacher(model_name, checkpoint, recipe.teacher.dtype)
+    teacher = load_teacher(recipe.teacher.name, checkpoint, recipe.teacher.dtype)
     settings = []
     for decoder in recipe.eval.all_decoders():
         _, config = decoder.settings()[0]

@@ -33,17 +33,19 @@ def build_student(teacher: Teacher, config: StudentConfig) -> torch.nn.Module:
         for parameter in student.parameters():
             parameter.requires_grad_(True)
         return student
+    targets = config.lora.target_modules
+    if targets is not None:
+        present = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
+        missing = [name for name in targets if name not in present]
+        if missing:
+            raise ValueError(f"student.lora.target_modules: no module named {', '.join(missing)} in the teacher")
     lora = PeftLoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules),
+        target_modules=list(targets) if targets is not None else teacher.backbone.lora_targets,
         bias="none",
     )
-    present = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
-    missing = [name for name in config.lora.target_modules if name not in present]
-    if missing:
-        raise ValueError(f"student.lora.target_modules: no module named {', '.join(missing)} in the teacher")
     return get_peft_model(student, lora)
 
 

@@ -1,13 +1,14 @@
 """The decoding defaults a distilled student is exported with (`generation_config.json`, `diffusion_generate`).
 
-The student's best point in the run's AUP report when it has one, else the recipe's first eval decoder; written
-for full forwards (`cache: none`), the only mode of the exported `diffusion_generate`.
+The student's best point in the run's AUP report when it has one, else the recipe's first eval decoder, with its
+KV-cache mode: the exported `diffusion_generate` runs fewstep's own decoding module, cache included.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from distill.decoding import decode_settings
 from distill.recipe import DecoderConfig, Recipe
 from teachers.interface import Teacher
 
@@ -21,7 +22,7 @@ def _conservative_first(decoder: str, knob_name: str):
 
 
 def recommended_decoder(recipe: Recipe, report: dict | None) -> tuple[DecoderConfig, str]:
-    """The decoder the export recommends (full forwards, `cache: none`, `gen_length` set) and where it came from.
+    """The decoder the export recommends (`gen_length` set) and where it came from.
 
     With a report holding `student` rows: the decoder with the best mean AUP over tasks, at its fastest knob value
     (highest mean TPF) whose mean accuracy is within 1 point of that decoder's best (ties: the more conservative
@@ -58,22 +59,10 @@ def recommended_decoder(recipe: Recipe, report: dict | None) -> tuple[DecoderCon
             f"the run's report: student · {label} at {chosen[0]['knob_name']}={knob} (accuracy {accuracy:.2f}%, "
             f"TPF {tpf:.2f}, AUP {mean_aup:.1f}, mean over {len(chosen)} task(s))"
         )
-    if settings.get("cache") not in (None, "none"):
-        source += f"; measured with KV cache `{settings['cache']}`, which `diffusion_generate` does without"
-    settings |= {"gen_length": settings.get("gen_length") or recipe.data.max_response_tokens, "cache": "none"}
+    settings |= {"gen_length": settings.get("gen_length") or recipe.data.max_response_tokens}
     return DecoderConfig.model_validate(settings), source
 
 
 def generation_settings(decoder: DecoderConfig, teacher: Teacher) -> dict[str, Any]:
     """The `diffusion` entry of generation_config.json: what the exported `diffusion_generate` reads."""
-    pin_ids = {
-        str(position): teacher.tokenizer.encode(text, add_special_tokens=False)
-        for position, text in decoder.pins.items()
-    }
-    fields = ("steps", "block_length", "threshold", "confidence", "remasking", "temperature", "top_k", "top_p")
-    fields += ("activate_fraction", "full_activate_fraction", "eos_fill", "fixed_length")
-    return (
-        {"decoder": decoder.name, "gen_length": decoder.gen_length}
-        | {name: getattr(decoder, name) for name in fields}
-        | {"pin_ids": pin_ids}
-    )
+    return decode_settings(teacher, decoder, decoder.gen_length).to_dict()

@@ -1,5 +1,5 @@
-"""Teacher backbones behind one interface (`teachers.interface.Teacher`): tiny (embedded), dimple, dream, llada."""
+"""Teacher backbones behind one interface (`teachers.interface.Teacher`): LLaDA, Dream, Dimple (native classes)."""
 
-from teachers.interface import TEACHERS, PrefixCache, Teacher, load_teacher, new_tiny_teacher, save_teacher
+from teachers.interface import BACKBONES, PrefixCache, Teacher, load_teacher, new_teacher, save_teacher
 
-__all__ = ["TEACHERS", "PrefixCache", "Teacher", "load_teacher", "new_tiny_teacher", "save_teacher"]
+__all__ = ["BACKBONES", "PrefixCache", "Teacher", "load_teacher", "new_teacher", "save_teacher"]

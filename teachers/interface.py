@@ -1,68 +1,202 @@
-"""One teacher interface over every backbone (tiny, Dimple, Dream, LLaDA), and the registry of builders.
+"""One teacher interface over every backbone (LLaDA, Dream, Dimple), with one adapter per backbone.
 
-Decoders, data preparation and losses only ever talk to `Teacher`. It hides the backbone differences:
-- logit alignment: Dream and Dimple (and the tiny model) emit *shifted* logits, position i-1 scoring token i;
-  LLaDA does not. `Teacher.forward` always returns logits where position i scores token i.
-- the mask token id, EOS / pad ids, tokenizer and chat format (`encode_prompt` is the one function that turns a
-  question into prompt ids, for training and decoding alike);
-- an optional prefix KV cache (`prefill`), including the one-token overlap a shifted model needs;
-- extra model inputs (e.g. Dimple's `pixel_values`) pass through `forward` untouched.
+Decoders, data preparation, losses and the trainer only ever talk to `Teacher`. What differs between backbones is
+declared once, in `BACKBONES` (a `Backbone` each): the model classes (fewstep's native ones in
+`teachers/backbones/`, which load the published folders as they are), the logit alignment (Dream and Dimple are
+*shifted*: raw position i-1 scores token i), the default LoRA targets (LLaDA names its projections differently),
+and the chat template used when a checkpoint's tokenizer brings none. Everything else is read from the checkpoint:
+the mask id (config, else tokenizer), the end-of-turn token that closes an assistant turn in the chat template
+(the response terminator), EOS/pad.
+
+`Teacher.forward` returns aligned logits (position i scores token i), for the positions from `start` on only;
+`Teacher.prefill` encodes a prompt once for a prefix KV cache (`teachers.backbones.diffusion_generation` holds both
+rules, shared with the exported `diffusion_generate`). Extra model inputs (Dimple's `pixel_values`,
+`image_grid_thw`) pass through untouched.
+
+The embedded teacher is a tiny instance of these same classes (`new_teacher`), with the character tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
-from teachers import tiny  # noqa: F401  (registers the tiny model with the Auto classes)
-from teachers.tiny import FewstepDimpleConfig, FewstepDimpleModel
+from teachers.backbones import (
+    DimpleConfig,
+    DimpleModel,
+    DreamConfig,
+    DreamModel,
+    LLaDAConfig,
+    LLaDAModelLM,
+)
+from teachers.backbones.diffusion_generation import PrefixCache, aligned_logits, prefill
 from teachers.tokenizer import build_char_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+# Qwen2.5's chat format (Dream, Dimple) without its default system turn, and LLaDA's (Llama 3 headers); used only
+# when a checkpoint's tokenizer has no chat template of its own (the published ones do).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLADA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
-@dataclass
-class PrefixCache:
-    """Keys/values of a prompt, computed once and reused while the response is re-encoded.
 
-    For a shifted model the last prompt token is *not* in `kv`: its output scores the first
-    response token, so it is re-encoded together with the response (`carry_ids`). `kv` is whatever the backbone
-    returns as its cache (per-layer key/value pairs for the tiny model).
-    """
+@dataclass(frozen=True)
+class Backbone:
+    """Everything fewstep needs to know about one published architecture."""
 
-    kv: Any
-    attention_mask: torch.Tensor  # [B, cached_len]
-    carry_ids: torch.Tensor  # [B, 0 or 1]
-    carry_mask: torch.Tensor  # [B, 0 or 1]
+    name: str  # fewstep's name (recipes: `teacher.name`)
+    config_class: type[PretrainedConfig]  # its `model_type` is the published one
+    model_class: type[PreTrainedModel]
+    lora_targets: str  # peft regex over module names: the decoder blocks' linear layers only
+    chat_template: str
+    chat_tokens: tuple[str, ...]  # special tokens the chat template needs (added to the character tokenizer)
+
+    @property
+    def shifted(self) -> bool:
+        return self.model_class.logits_shifted
+
+    @property
+    def model_type(self) -> str:
+        return self.config_class.model_type
+
+    def tiny_config(self, tokenizer: PreTrainedTokenizerBase, sizes: dict[str, Any]) -> PretrainedConfig:
+        """A config of this family at the given sizes (`ModelSizeConfig` names) for `tokenizer`'s ids."""
+        # Vocab padded to a multiple of 64 so the LM-head matmul has friendly shapes.
+        vocab = (len(tokenizer) + 63) // 64 * 64
+        ids = {
+            "mask_token_id": tokenizer.mask_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if self.config_class is LLaDAConfig:
+            return LLaDAConfig(
+                d_model=sizes["hidden_size"],
+                mlp_hidden_size=sizes["intermediate_size"],
+                n_layers=sizes["num_hidden_layers"],
+                n_heads=sizes["num_attention_heads"],
+                n_kv_heads=sizes["num_key_value_heads"],
+                max_sequence_length=sizes["max_position_embeddings"],
+                vocab_size=vocab,
+                embedding_size=vocab,
+                rope_theta=10000.0,
+                **ids,
+            )
+        extra = {}
+        if self.config_class is DimpleConfig:
+            # M-RoPE splits the head's rotary pairs among (t, h, w) as the 7B does (16, 24, 24 of 64).
+            pairs = sizes["hidden_size"] // sizes["num_attention_heads"] // 2
+            spatial = pairs * 3 // 8
+            vision_tokens = {
+                "vision_start_token_id": "<|vision_start|>",
+                "vision_end_token_id": "<|vision_end|>",
+                "vision_token_id": "<|vision_pad|>",
+                "image_token_id": "<|image_pad|>",
+                "video_token_id": "<|video_pad|>",
+            }
+            found = {name: tokenizer.convert_tokens_to_ids(token) for name, token in vision_tokens.items()}
+            extra = {name: index for name, index in found.items() if index != tokenizer.unk_token_id}
+            extra |= {
+                "mrope_section": [pairs - 2 * spatial, spatial, spatial],
+                "vision_config": {
+                    "depth": 1,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_heads": 2,
+                    "out_hidden_size": sizes["hidden_size"],
+                    "fullatt_block_indexes": [0],
+                },
+            }
+        return self.config_class(
+            vocab_size=vocab,
+            hidden_size=sizes["hidden_size"],
+            intermediate_size=sizes["intermediate_size"],
+            num_hidden_layers=sizes["num_hidden_layers"],
+            num_attention_heads=sizes["num_attention_heads"],
+            num_key_value_heads=sizes["num_key_value_heads"],
+            max_position_embeddings=sizes["max_position_embeddings"],
+            rope_theta=10000.0,
+            **ids,
+            **extra,
+        )
+
+
+_QWEN_LINEAR = r".*model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+BACKBONES: dict[str, Backbone] = {
+    "llada": Backbone(
+        name="llada",
+        config_class=LLaDAConfig,
+        model_class=LLaDAModelLM,
+        lora_targets=r".*transformer\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
+        chat_template=LLADA_TEMPLATE,
+        chat_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    ),
+    "dream": Backbone(
+        name="dream",
+        config_class=DreamConfig,
+        model_class=DreamModel,
+        lora_targets=_QWEN_LINEAR,
+        chat_template=CHATML_TEMPLATE,
+        chat_tokens=("<|im_start|>", "<|im_end|>"),
+    ),
+    "dimple": Backbone(
+        name="dimple",
+        config_class=DimpleConfig,
+        model_class=DimpleModel,
+        lora_targets=_QWEN_LINEAR,  # the language model's blocks; the vision tower stays as published
+        chat_template=CHATML_TEMPLATE,
+        chat_tokens=("<|im_start|>", "<|im_end|>")
+        + ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
+    ),
+}
+BACKBONE_OF_MODEL_TYPE = {backbone.model_type: backbone for backbone in BACKBONES.values()}
 
 
 class Teacher:
     """A diffusion LM plus its tokenizer, with aligned logits and a uniform cache API."""
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        name: str,
-        shifted: bool,
-        mask_token_id: int,
-    ):
+    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, backbone: Backbone, mask_token_id: int):
         self.model = model
         self.tokenizer = tokenizer
-        self.name = name
-        self.shifted = shifted
+        self.backbone = backbone
         self.mask_token_id = mask_token_id
 
+    @cached_property
+    def end_token_id(self) -> int:
+        """The response terminator: the token the chat template closes an assistant turn with."""
+        return end_of_turn_id(self.tokenizer)
+
+    @property
+    def name(self) -> str:
+        return self.backbone.name
+
+    @property
+    def shifted(self) -> bool:
+        return self.backbone.shifted
+
     def with_model(self, model: Any) -> Teacher:
-        """The same interface over another module with the same weights layout (e.g. a DeepSpeed engine)."""
-        return Teacher(model, self.tokenizer, name=self.name, shifted=self.shifted, mask_token_id=self.mask_token_id)
+        """The same interface over another module with the same weights layout (a student, a DeepSpeed engine)."""
+        return Teacher(model, self.tokenizer, self.backbone, self.mask_token_id)
 
     # -- tokens -------------------------------------------------------------------------------------------------
 
@@ -81,31 +215,18 @@ class Teacher:
 
     def encode_prompt(self, question: str) -> list[int]:
         """Prompt ids in the model's chat format, ending where the assistant's answer starts."""
-        encoded = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-        )
-        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        return chat_ids(self.tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
 
     def encode_response(self, answer: str) -> list[int]:
-        """Reference answer ids followed by EOS (what the model must produce after the prompt)."""
-        return self.tokenizer.encode(answer, add_special_tokens=False) + [self.eos_token_id]
+        """Answer ids followed by the end-of-turn token (what the model must produce after the prompt)."""
+        return self.tokenizer.encode(answer, add_special_tokens=False) + [self.end_token_id]
 
     def decode_response(self, ids: list[int]) -> str:
-        """Text of generated ids up to (excluding) the first EOS."""
-        if self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Text of generated ids up to (excluding) the first end-of-turn or EOS token."""
+        stops = [index for index, token in enumerate(ids) if token in (self.end_token_id, self.eos_token_id)]
+        return self.tokenizer.decode(ids[: stops[0]] if stops else ids, skip_special_tokens=True)
 
     # -- forward ------------------------------------------------------------------------------------------------
-
-    def _call(self, input_ids, attention_mask, kv, use_cache, causal, model_inputs):
-        kwargs = dict(model_inputs)
-        if causal is not None:
-            # Only the tiny model exposes the switch; the real backbones are bidirectional only.
-            kwargs["causal"] = causal
-        if kv is not None:
-            kwargs["cache"] = kv
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
 
     def forward(
         self,
@@ -113,26 +234,19 @@ class Teacher:
         attention_mask: torch.Tensor | None = None,
         cache: PrefixCache | None = None,
         causal: bool | None = None,
+        start: int = 0,
         **model_inputs: Any,
     ) -> torch.Tensor:
-        """Logits `[B, T, V]` for `input_ids` `[B, T]`, aligned so that position i scores token i.
+        """Aligned logits `[B, T - start, V]` of positions `start..T-1` of `input_ids` `[B, T]` (position i scores
+        token i); only those positions go through the LM head.
 
         With `cache`, `input_ids` continue the cached prompt and `attention_mask` (if given) covers only them.
+        `causal` overrides the checkpoint's attention mode (True for the AR phase and baseline).
         """
-        if cache is None:
-            logits = self._call(input_ids, attention_mask, None, False, causal, model_inputs).logits
-            if self.shifted:
-                # Position 0 has no predecessor; repeating its own row keeps the shape (Dream does the same).
-                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-            return logits
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        ids = torch.cat([cache.carry_ids, input_ids], dim=1)
-        mask = torch.cat([cache.attention_mask, cache.carry_mask, attention_mask], dim=1)
-        logits = self._call(ids, mask, cache.kv, False, causal, model_inputs).logits
-        return logits[:, :-1] if self.shifted else logits
+        if causal is not None:
+            model_inputs["causal"] = causal
+        return aligned_logits(self.model, self.shifted, input_ids, attention_mask, start, cache, **model_inputs)
 
-    @torch.no_grad()
     def prefill(
         self,
         input_ids: torch.Tensor,
@@ -145,105 +259,110 @@ class Teacher:
         Exact for causal attention. With bidirectional attention the cached prompt no longer sees the response
         as it changes: the approximation Dimple's prefilling and Fast-dLLM's cache accept for speed.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        keep = input_ids.shape[1] - 1 if self.shifted else input_ids.shape[1]
-        output = self._call(input_ids[:, :keep], attention_mask[:, :keep], None, True, causal, model_inputs)
-        return PrefixCache(
-            kv=output.cache,
-            attention_mask=attention_mask[:, :keep],
-            carry_ids=input_ids[:, keep:],
-            carry_mask=attention_mask[:, keep:],
-        )
+        if causal is not None:
+            model_inputs["causal"] = causal
+        return prefill(self.model, self.shifted, input_ids, attention_mask, **model_inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Builders: one small function per backbone, each naming where its weights come from.
+# Tokens read from the checkpoint
 
 
-def _load_hf(path: Path, dtype: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = Path(path)
-    if not (path / "config.json").is_file():
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), else EOS."""
+    sentinel = "\x00"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    closing = tokenizer.encode(text.split(sentinel, 1)[1], add_special_tokens=False) if sentinel in text else []
+    return closing[0] if closing else tokenizer.eos_token_id
+
+
+def mask_token_id_of(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, path: Path) -> int:
+    found = getattr(config, "mask_token_id", None)
+    found = tokenizer.mask_token_id if found is None else found
+    if found is None:
+        raise ValueError(f"{path}: no mask token id (neither config.json's mask_token_id nor a tokenizer mask token)")
+    return int(found)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, creating and saving
+
+
+def backbone_of(path: Path) -> Backbone:
+    """The backbone a checkpoint folder holds, from its config.json's `model_type`."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json)")
-    model = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except ValueError as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+    if model_type not in BACKBONE_OF_MODEL_TYPE:
+        known = ", ".join(f"{b.model_type} ({b.name})" for b in BACKBONES.values())
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a backbone fewstep knows (known: {known})")
+    return BACKBONE_OF_MODEL_TYPE[model_type]
 
 
-def build_tiny(path: Path, dtype: str = "fp32") -> Teacher:
-    """The embedded Dimple-family model, from a checkpoint fewstep pretrained (`recipes/teacher-tiny.yaml`)."""
-    model, tokenizer = _load_hf(path, dtype, trust_remote_code=False)
-    return Teacher(
-        model, tokenizer, name="tiny", shifted=model.config.shifted_logits, mask_token_id=model.config.mask_token_id
-    )
+def load_tokenizer(path: Path, backbone: Backbone) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer; the backbone's chat template when it brings none."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError):
+        # A published folder may name a remote-code tokenizer class; its tokenizer.json is all fewstep needs.
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = backbone.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
-def build_dream(path: Path, dtype: str = "bf16") -> Teacher:
-    """Dream-v0-Instruct-7B (Dream-org): Qwen2.5-derived diffusion LM, shifted logits, mask id 151666."""
-    model, tokenizer = _load_hf(path, dtype, trust_remote_code=True)
-    return Teacher(model, tokenizer, name="dream", shifted=True, mask_token_id=151666)
+def load_teacher(name: str | None, path: Path, dtype: str = "fp32") -> Teacher:
+    """Load a checkpoint folder (published or fewstep-written) with fewstep's native class for its backbone.
 
-
-def build_dimple(path: Path, dtype: str = "bf16") -> Teacher:
-    """Dimple-7B (rp-yu/Dimple-7B): Dream-7B language model + Qwen2.5-VL vision tower; shifted, mask id 151666.
-
-    Image inputs (`pixel_values`, `image_grid_thw`) pass through `Teacher.forward` as model inputs.
+    `name` (the recipe's `teacher.name`) must agree with the folder's `model_type`; None takes the folder's.
     """
-    model, tokenizer = _load_hf(path, dtype, trust_remote_code=True)
-    return Teacher(model, tokenizer, name="dimple", shifted=True, mask_token_id=151666)
+    path = Path(path)
+    backbone = backbone_of(path)
+    if name is not None and name != backbone.name:
+        raise ValueError(f"teacher.name: '{name}', but {path / 'config.json'} holds a {backbone.name} checkpoint")
+    model, info = backbone.model_class.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+    wrong = {kind: names for kind, names in info.items() if kind in ("missing_keys", "unexpected_keys") and names}
+    if wrong:
+        kind, names = next(iter(wrong.items()))
+        raise ValueError(f"{path}: weights do not match the {backbone.name} layout ({kind}: {sorted(names)[:3]})")
+    tokenizer = load_tokenizer(path, backbone)
+    return Teacher(model.eval(), tokenizer, backbone, mask_token_id_of(model.config, tokenizer, path))
 
 
-def build_llada(path: Path, dtype: str = "bf16") -> Teacher:
-    """LLaDA-8B-Instruct (GSAI-ML): unshifted logits, mask id 126336."""
-    model, tokenizer = _load_hf(path, dtype, trust_remote_code=True)
-    return Teacher(model, tokenizer, name="llada", shifted=False, mask_token_id=126336)
+def new_teacher(backbone: str, sizes: dict[str, Any], published_chat: bool = False) -> Teacher:
+    """A randomly initialised teacher of `backbone` at `sizes`, with the character tokenizer (embedded default).
 
-
-TEACHERS: dict[str, Callable[..., Teacher]] = {
-    "tiny": build_tiny,
-    "dream": build_dream,
-    "dimple": build_dimple,
-    "llada": build_llada,
-}
-
-
-def load_teacher(name: str, path: Path, dtype: str = "fp32") -> Teacher:
-    """Build the named backbone from a local checkpoint directory."""
-    if name not in TEACHERS:
-        raise KeyError(f"unknown teacher '{name}' (known: {', '.join(TEACHERS)})")
-    return TEACHERS[name](path, dtype)
-
-
-def new_tiny_teacher(
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    max_position_embeddings: int,
-) -> Teacher:
-    """A randomly initialised tiny teacher with the character tokenizer (the start of pretraining)."""
-    tokenizer = build_char_tokenizer()
-    config = FewstepDimpleConfig(
-        # Vocab padded to a multiple of 64 so the LM-head matmul has friendly shapes.
-        vocab_size=(len(tokenizer) + 63) // 64 * 64,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = FewstepDimpleModel(config)
-    return Teacher(model, tokenizer, name="tiny", shifted=True, mask_token_id=tokenizer.mask_token_id)
+    The tokenizer's chat format is fewstep's compact one (`<|bos|><|user|>...<|assistant|>`, answers closed by
+    EOS: short prompts train fast on CPU), or with `published_chat` the backbone's published one with its special
+    tokens (an end-of-turn token distinct from EOS, as in the real checkpoints).
+    """
+    family = BACKBONES[backbone]
+    if published_chat:
+        tokenizer = build_char_tokenizer(extra_special_tokens=family.chat_tokens, chat_template=family.chat_template)
+    else:
+        tokenizer = build_char_tokenizer()
+    model = family.model_class(family.tiny_config(tokenizer, sizes))
+    return Teacher(model, tokenizer, family, tokenizer.mask_token_id)
 
 
 def save_teacher(teacher: Teacher, out_dir: Path) -> None:
-    """Write model (safetensors) + tokenizer to `out_dir` atomically: a temp dir renamed into place."""
+    """Write model (safetensors, with its modeling files) + tokenizer to `out_dir` atomically."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():

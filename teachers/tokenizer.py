@@ -24,9 +24,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh character tokenizer; ids 0..6 are the special tokens in `SPECIAL_TOKENS` order."""
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+def build_char_tokenizer(
+    extra_special_tokens: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE
+) -> PreTrainedTokenizerFast:
+    """A fresh character tokenizer; ids 0..6 are the special tokens in `SPECIAL_TOKENS` order.
+
+    `extra_special_tokens` (e.g. a published chat format's `<|im_start|>`, `<|im_end|>`) follow the characters;
+    `chat_template` replaces the compact default.
+    """
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS + list(extra_special_tokens))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -37,8 +43,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<|bos|>",
         eos_token="<|eos|>",
         unk_token="<|unk|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
+        additional_special_tokens=["<|user|>", "<|assistant|>", *extra_special_tokens],
         padding_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from teachers.interface import new_tiny_teacher, save_teacher
+from teachers.interface import save_teacher
+from tests.builders import tiny_teacher
 from tests.distill.distill_worker import COMBOS, worker_command
 from tests.launch import run_launched
 
@@ -19,7 +20,7 @@ from tests.launch import run_launched
 def teacher_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher") / "teacher"
-    save_teacher(new_tiny_teacher(32, 64, 1, 2, 1, 64), path)
+    save_teacher(tiny_teacher(32, 64, 1, 2, 1, 64), path)
     return path
 
 

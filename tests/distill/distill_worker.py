@@ -48,7 +48,7 @@ def worker_command(teacher_dir: Path, out: Path, *args: str) -> list[str]:
 
 def trajectory_records(teacher_dir: Path, count: int = 8) -> list[dict]:
     """Trajectory records of `count` additions: reference answers pad-filled to the canvas, left-to-right order."""
-    teacher = load_teacher("tiny", teacher_dir)
+    teacher = load_teacher(None, teacher_dir)
     records = []
     for index in range(count):
         answer = teacher.encode_response(str(2 * index))
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     records = trajectory_records(args.teacher)
-    checkpoint_teacher = load_teacher("tiny", args.teacher).model.state_dict()
+    checkpoint_teacher = load_teacher(None, args.teacher).model.state_dict()
 
     for combo in args.combos:
         stage, kind = int(combo.split("-")[0].removeprefix("zero")), combo.split("-")[1]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from distill.data import SequencePool, encode_records
-from teachers.interface import new_tiny_teacher
+from tests.builders import tiny_teacher
 
-TEACHER = new_tiny_teacher(32, 64, 1, 2, 1, 64)
+TEACHER = tiny_teacher(32, 64, 1, 2, 1, 64)
 RECORDS = [
     {"id": "a", "task": "addition", "prompt": "12+34=", "response": "C:000 #### 46"},
     {"id": "b", "task": "addition", "prompt": "5+7=", "response": "C:10 #### 12"},

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from distill.decoding import (
-    _cache_for_rows,
     confidence_of,
     decode,
     entropy,
@@ -16,8 +16,10 @@ from distill.decoding import (
     sample_tokens,
 )
 from distill.recipe import DecoderConfig
-from teachers.interface import PrefixCache, Teacher, new_tiny_teacher
+from teachers.backbones.diffusion_generation import PrefixCache
+from teachers.interface import Teacher
 from teachers.tokenizer import build_char_tokenizer
+from tests.builders import SCRIPTED, keep_logits, tiny_teacher
 
 TOKENIZER = build_char_tokenizer()
 MASK, EOS, PAD = TOKENIZER.mask_token_id, TOKENIZER.eos_token_id, TOKENIZER.pad_token_id
@@ -39,9 +41,9 @@ class ScriptedModel(nn.Module):
         self.script = script
         self.calls: list[tuple[str, int]] = []
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False, cache=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, use_cache=False, cache=None, logits_to_keep=0, **kwargs):
         self.calls.append(("prefill" if use_cache else "forward", input_ids.shape[1]))
-        context = input_ids if cache is None else torch.cat([cache[0], input_ids], dim=1)
+        context = input_ids if cache is None else torch.cat([cache.ids, input_ids], dim=1)
         first_real = (context != PAD).float().argmax(-1)
         batch, length = input_ids.shape
         logits = torch.full((batch, length, VOCAB), -30.0)
@@ -55,7 +57,24 @@ class ScriptedModel(nn.Module):
                     continue  # a cached forward sees only the tail of the canvas
                 logits[row, column, :] = math.log((1 - prob) / (VOCAB - 1))
                 logits[row, column, token] = math.log(prob)
-        return type("Output", (), {"logits": logits, "cache": (context,) if use_cache else None})()
+        logits = keep_logits(logits, logits_to_keep)
+        return type("Output", (), {"logits": logits, "cache": ScriptedCache(context) if use_cache else None})()
+
+
+class ScriptedCache:
+    """The prefix ids themselves, with the row slicing and length of a transformers cache."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def get_seq_length(self) -> int:
+        return self.ids.shape[1]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        assert tokens_to_remove == 0  # the scripted model never appends to the cache
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.ids = self.ids[indices]
 
 
 def scripted_teacher(targets, confidence) -> Teacher:
@@ -63,7 +82,7 @@ def scripted_teacher(targets, confidence) -> Teacher:
 
 
 def script_teacher(script: dict) -> Teacher:
-    return Teacher(ScriptedModel(script), TOKENIZER, name="scripted", shifted=False, mask_token_id=MASK)
+    return Teacher(ScriptedModel(script), TOKENIZER, SCRIPTED, mask_token_id=MASK)
 
 
 def ids(text: str) -> list[int]:
@@ -75,11 +94,11 @@ def run(targets, certainty, gen_length=None, **settings):
     return decode(teacher, [ids("q")], DecoderConfig(**settings), gen_length or len(targets))
 
 
-def tiny_teacher(causal: bool) -> Teacher:
+def sharp_teacher(causal: bool) -> Teacher:
     torch.manual_seed(0)
-    teacher = new_tiny_teacher(32, 64, 2, 2, 1, 64)
+    teacher = tiny_teacher(32, 64, 2, 2, 1, 64)
     # A sharper head than the random init's keeps greedy choices clear of float-rounding ties.
-    nn.init.normal_(teacher.model.lm_head.weight, std=0.5)
+    nn.init.normal_(teacher.model.get_output_embeddings().weight, std=0.5)
     teacher.model.config.causal = causal
     return teacher.eval() if hasattr(teacher, "eval") else teacher
 
@@ -159,7 +178,7 @@ def test_rejects_settings_that_do_not_fit_the_canvas():
 
 
 def test_tiny_model_one_token_per_forward_and_batch_consistency():
-    teacher = tiny_teacher(causal=False)
+    teacher = sharp_teacher(causal=False)
     prompts = [teacher.encode_prompt("12+34="), teacher.encode_prompt("7+8=")]
     result = decode(teacher, prompts, DecoderConfig(), gen_length=8)
     for row in range(2):
@@ -172,7 +191,7 @@ def test_tiny_model_one_token_per_forward_and_batch_consistency():
 
 
 def test_block_length_one_on_a_causal_model_decodes_left_to_right():
-    teacher = tiny_teacher(causal=True)
+    teacher = sharp_teacher(causal=True)
     prompt = teacher.encode_prompt("7+8=")
     result = decode(teacher, [prompt], DecoderConfig(steps=8, block_length=1), gen_length=8)
     committed = [step for step in result.order[0].tolist() if step >= 0]
@@ -255,7 +274,7 @@ def test_confident_never_exceeds_its_steps():
 
 
 def test_confident_gamma_one_matches_low_confidence_on_the_tiny_model():
-    teacher = tiny_teacher(causal=False)
+    teacher = sharp_teacher(causal=False)
     prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
     for block_length in (None, 4):
         confident = decode(
@@ -288,7 +307,7 @@ def test_multi_block_never_commits_past_an_inactive_block():
 
 @pytest.mark.parametrize("threshold", [2.0, 4.7, 50.0])
 def test_multi_block_on_the_tiny_model_commits_only_in_active_blocks(threshold):
-    teacher = tiny_teacher(causal=False)
+    teacher = sharp_teacher(causal=False)
     prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
     config = DecoderConfig(name="multi_block", threshold=threshold, block_length=4, cache="none", eos_fill=False)
     result = decode(teacher, prompts, config, 16)
@@ -409,15 +428,12 @@ def test_cache_follows_rows_as_samples_finish():
     assert [kind for kind, _ in teacher.model.calls].count("prefill") == 1  # sliced, not rebuilt
 
 
-def test_cache_for_rows_slices_nested_tensors_and_gives_up_on_opaque_caches():
-    kv = ((torch.arange(3)[:, None], torch.arange(3)[:, None] * 10),)
+def test_prefix_cache_selects_rows_of_a_transformers_cache():
+    kv = DynamicCache()
+    kv.update(torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 1), torch.zeros(3, 1, 2, 1), 0)
     rest = dict(attention_mask=torch.ones(3, 2), carry_ids=torch.zeros(3, 1), carry_mask=torch.ones(3, 1))
-    cache = PrefixCache(kv=kv, **rest)
-    sliced = _cache_for_rows(cache, torch.tensor([0, 4, 7]), torch.tensor([4, 7]))
-    assert sliced.kv[0][0].flatten().tolist() == [1, 2] and sliced.kv[0][1].flatten().tolist() == [10, 20]
-    assert sliced.attention_mask.shape == (2, 2)
-    opaque = PrefixCache(kv=object(), **rest)
-    assert _cache_for_rows(opaque, torch.tensor([0, 4, 7]), torch.tensor([4, 7])) is None
+    sliced = PrefixCache(kv=kv, **rest).select_rows(torch.tensor([1, 2]))
+    assert sliced.kv.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 2.0] and sliced.attention_mask.shape == (2, 2)
 
 
 DECODER_SETTINGS = [
@@ -430,7 +446,7 @@ DECODER_SETTINGS = [
 
 @pytest.mark.parametrize("settings", DECODER_SETTINGS, ids=[s["name"] for s in DECODER_SETTINGS])
 def test_cached_and_uncached_give_the_same_tokens_on_a_causal_model(settings):
-    teacher = tiny_teacher(causal=True)
+    teacher = sharp_teacher(causal=True)
     prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
     uncached = decode(teacher, prompts, DecoderConfig(**settings, cache="none"), 16)
     for cache, delay in [("prompt", 1), ("blocks", 0), ("blocks", 2)]:
@@ -441,7 +457,7 @@ def test_cached_and_uncached_give_the_same_tokens_on_a_causal_model(settings):
 
 @pytest.mark.parametrize("settings", DECODER_SETTINGS, ids=[s["name"] for s in DECODER_SETTINGS])
 def test_cache_on_a_bidirectional_model_is_an_approximation_that_runs(settings):
-    teacher = tiny_teacher(causal=False)
+    teacher = sharp_teacher(causal=False)
     prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
     uncached = decode(teacher, prompts, DecoderConfig(**settings, cache="none"), 16)
     for cache in ("prompt", "blocks"):
@@ -457,7 +473,7 @@ def test_cache_on_a_bidirectional_model_is_an_approximation_that_runs(settings):
 
 def test_cached_prefix_logits_are_close_on_a_bidirectional_model():
     # The approximation, measured: the first step's response logits with the prompt cached vs encoded jointly.
-    teacher = tiny_teacher(causal=False)
+    teacher = sharp_teacher(causal=False)
     prompt = torch.tensor([teacher.encode_prompt("12+34=")])
     response = torch.full((1, 8), MASK)
     full = teacher.forward(torch.cat([prompt, response], dim=1))[:, prompt.shape[1] :]

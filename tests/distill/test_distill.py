@@ -11,7 +11,8 @@ from distill.d3llm import Curriculum, TrajectoryBatches
 from distill.distill import distill_student, distillation_loss
 from distill.losses import certainty_forcing_loss, masked_ce
 from distill.recipe import LossTerm, load_recipe
-from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
+from teachers.interface import load_teacher, save_teacher
+from tests.builders import tiny_teacher
 
 
 def records(teacher, count=6, canvas=8):
@@ -27,16 +28,16 @@ def records(teacher, count=6, canvas=8):
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
+def saved_teacher(tmp_path_factory):
     torch.manual_seed(0)
-    teacher = new_tiny_teacher(32, 64, 1, 2, 1, 64)
+    teacher = tiny_teacher(32, 64, 1, 2, 1, 64)
     path = tmp_path_factory.mktemp("teacher") / "teacher"
     save_teacher(teacher, path)
-    return load_teacher("tiny", path), path
+    return load_teacher(None, path), path
 
 
-def test_loss_is_the_weighted_sum_of_its_terms(tiny_teacher):
-    teacher, _ = tiny_teacher
+def test_loss_is_the_weighted_sum_of_its_terms(saved_teacher):
+    teacher, _ = saved_teacher
     batch = TrajectoryBatches(
         records(teacher), 4, 10, Curriculum(windows=(4,)), teacher.mask_token_id, teacher.pad_token_id, seed=0
     ).batch(5)
@@ -63,8 +64,8 @@ def test_loss_is_the_weighted_sum_of_its_terms(tiny_teacher):
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_distill_student_trains_and_saves_a_loadable_student(tiny_teacher, tmp_path, kind):
-    teacher, path = tiny_teacher
+def test_distill_student_trains_and_saves_a_loadable_student(saved_teacher, tmp_path, kind):
+    teacher, path = saved_teacher
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(
         yaml.safe_dump(
@@ -90,7 +91,7 @@ def test_distill_student_trains_and_saves_a_loadable_student(tiny_teacher, tmp_p
     recipe = load_recipe(recipe_file)
     student_dir = distill_student(recipe, path, records(teacher), tmp_path / "out")
     student = AutoModel.from_pretrained(student_dir)
-    assert type(student).__name__ == "FewstepDimpleModel"  # LoRA merged into plain weights
+    assert type(student).__name__ == "DreamModel"  # LoRA merged into plain weights
     changed = any(
         not torch.equal(value, teacher.model.state_dict()[name]) for name, value in student.state_dict().items()
     )

@@ -62,7 +62,7 @@ def test_two_ranks_distill_each_zero_stage_and_student_kind(combo, two_ranks, te
     full = torch.load(two_ranks / f"full-{combo}.pt")
     assert max_difference(full, torch.load(two_ranks / f"full-{same_kind}.pt")) < 1e-5
     student = AutoModel.from_pretrained(two_ranks / combo / "student")
-    teacher = load_teacher("tiny", teacher_dir).model
+    teacher = load_teacher(None, teacher_dir).model
     assert student.state_dict().keys() == teacher.state_dict().keys()  # LoRA merged into plain weights
     assert any(not torch.equal(value, teacher.state_dict()[name]) for name, value in student.state_dict().items())
 
@@ -166,7 +166,7 @@ def test_sdtt_distillation_crosses_a_round_boundary_and_resumes_in_its_round(tea
 def test_sdtt_with_a_lora_student_hands_the_merged_student_to_the_next_round(teacher_dir, tmp_path):
     distill_student(sdtt_recipe(teacher_dir, tmp_path, "lora", max_steps=2), teacher_dir, task_records(), tmp_path)
     round_teacher = AutoModel.from_pretrained(tmp_path / "distill" / SDTT_ROUNDS_DIR / "round-01")
-    initial = load_teacher("tiny", teacher_dir).model.state_dict()
+    initial = load_teacher(None, teacher_dir).model.state_dict()
     assert round_teacher.state_dict().keys() == initial.keys()
     assert any(not torch.equal(value, initial[name]) for name, value in round_teacher.state_dict().items())
     assert [line["sdtt_round"] for line in metrics(tmp_path / "distill")] == [0, 1]

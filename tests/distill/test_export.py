@@ -34,13 +34,13 @@ SMALL_SHARDS = "20KB"  # the tiny model is ~100 kB: several shards and an index
 def training_student(two_ranks: Path, teacher_dir: Path, combo: str) -> torch.nn.Module:
     """The student as training left it: rebuilt, with the weights DeepSpeed gathered (LoRA unmerged)."""
     recipe = load_recipe(two_ranks / combo / "recipe.yaml")
-    student = build_student(load_teacher("tiny", teacher_dir), recipe.student)
+    student = build_student(load_teacher(None, teacher_dir), recipe.student)
     student.load_state_dict(torch.load(two_ranks / f"full-{combo}.pt"))
     return student.eval()
 
 
 def inputs(teacher_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    teacher = load_teacher("tiny", teacher_dir)
+    teacher = load_teacher(None, teacher_dir)
     ids = torch.tensor([teacher.encode_prompt("12+34=") + [teacher.mask_token_id] * 8 + teacher.encode_response("46")])
     return ids, torch.ones_like(ids)
 
@@ -80,7 +80,7 @@ def test_export_round_trip_equals_the_training_side_student(combo, two_ranks, te
     for reference in config["auto_map"].values():
         assert (out / f"{reference.split('.')[0]}.py").is_file()
     model = AutoModel.from_pretrained(out, trust_remote_code=True)
-    teacher = load_teacher("tiny", teacher_dir)
+    teacher = load_teacher(None, teacher_dir)
     assert model.state_dict().keys() == teacher.model.state_dict().keys()  # LoRA merged into plain weights
     ids, mask = inputs(teacher_dir)
     reference = logits(training_student(two_ranks, teacher_dir, combo), ids, mask)
@@ -89,7 +89,9 @@ def test_export_round_trip_equals_the_training_side_student(combo, two_ranks, te
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     assert tokenizer.mask_token == "<|mask|>" and tokenizer.chat_template
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["mask_token_id"] == teacher.mask_token_id and generation["eos_token_id"] == teacher.eos_token_id
+    assert (
+        generation["mask_token_id"] == teacher.mask_token_id and generation["eos_token_id"][0] == teacher.end_token_id
+    )
     # No report in these runs: the recipe's eval decoder, for the 8-token canvas.
     assert generation["diffusion"]["decoder"] == "low_confidence" and generation["diffusion"]["gen_length"] == 8
     provenance = json.loads((out / "export.json").read_text())
@@ -103,7 +105,7 @@ def test_verified_export_reloads_and_decodes_without_fewstep(two_ranks, tmp_path
     out = export_run(two_ranks / "zero3-lora", tmp_path / "export", max_shard_size=SMALL_SHARDS)
     result = json.loads((out / "verify.json").read_text())
     assert result["ok"] and result["failures"] == []
-    assert result["child"]["model_class"] == "FewstepDimpleModel" and result["child"]["fewstep_modules_loaded"] == []
+    assert result["child"]["model_class"] == "DreamModel" and result["child"]["fewstep_modules_loaded"] == []
     assert result["logits"]["measure"] == "max_abs_diff" and result["logits"]["max_abs_diff"] <= FP32_ATOL
     assert result["tokenizer"]["prompts_equal"] and result["decode"]["prompts"] == 4
     assert result["decode"]["tokens_equal"] and result["decode"]["nfe_equal"] and result["decode"]["order_equal"]
@@ -115,7 +117,7 @@ def test_unmerged_lora_export_keeps_the_teacher_weights_and_a_peft_adapter(two_r
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in name for name in adapter)
     base = load_file(out / "model.safetensors")
-    teacher = load_teacher("tiny", teacher_dir).model.state_dict()
+    teacher = load_teacher(None, teacher_dir).model.state_dict()
     assert base.keys() == teacher.keys() and all(torch.equal(base[name], teacher[name]) for name in base)
     result = json.loads((out / "verify.json").read_text())  # the child loaded base + adapter with peft
     assert result["ok"] and result["files"]["adapter"] and result["logits"]["max_abs_diff"] <= FP32_ATOL
@@ -212,7 +214,7 @@ def test_export_and_verify_commands_exit_codes(two_ranks, unverified, tmp_path, 
     # A copy of a good export verifies; made to import fewstep, the fresh process refuses it.
     assert main(["verify", out]) == 0
     assert "diffusion_generate == fewstep's decoder on 4 prompts" in capsys.readouterr().out
-    modeling = Path(out) / "modeling_fewstep_dimple.py"
+    modeling = Path(out) / "modeling_dream.py"
     modeling.write_text(modeling.read_text().replace("import torch\n", "import distill  # noqa\nimport torch\n", 1))
     assert main(["verify", out]) == 1
     assert "distill is hidden: the export must load without fewstep" in capsys.readouterr().err

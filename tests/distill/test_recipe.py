@@ -1,5 +1,6 @@
 """Recipe schema, overrides and the CLI's handling of malformed recipes (exit 2, dotted path, nothing written)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ import yaml
 
 from distill.cli import main
 from distill.recipe import RecipeError, dump_recipe, load_recipe
+from teachers.interface import BACKBONES
+from tests.builders import BACKBONE_FIXTURES
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -26,9 +29,24 @@ def write(tmp_path: Path, tree, name: str = "recipe.yaml") -> Path:
     return path
 
 
+def checkpoint_overrides(path: Path, tmp_path: Path) -> list[str]:
+    """A recipe for a downloaded checkpoint takes the folder and the data files on the command line: here the
+    published-layout fixture of its backbone and a one-row GSM8K file."""
+    if path.stem not in BACKBONES:
+        return []
+    rows = tmp_path / "gsm8k.jsonl"
+    rows.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
+    data = [f"data.files.0.train_path={rows}", f"data.files.0.eval_path={rows}"]
+    return [f"teacher.path={BACKBONE_FIXTURES / path.stem}", *data]
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[path.name for path in RECIPES])
 def test_every_shipped_recipe_validates(path, tmp_path):
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, checkpoint_overrides(path, tmp_path))
+    if path.stem in BACKBONES:
+        assert recipe.teacher.name == path.stem and recipe.student.lora.target_modules is None
+        with pytest.raises(RecipeError, match="teacher"):
+            load_recipe(path)  # the checkpoint folder is required
     # The resolved dump is itself a valid recipe that resolves to the same thing.
     again = load_recipe(write(tmp_path, dump_recipe(recipe), f"resolved-{path.name}"))
     assert again == recipe

@@ -19,7 +19,8 @@ from distill.sdtt import (
     sdtt_targets,
     tokens_per_step,
 )
-from teachers.interface import Teacher, new_tiny_teacher
+from teachers.interface import Teacher
+from tests.builders import SCRIPTED, keep_logits, tiny_teacher
 
 MASK, VOCAB = 0, 8
 
@@ -33,13 +34,13 @@ class ScriptedModel(torch.nn.Module):
         self.script = list(script)
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
         self.seen.append(input_ids.clone())
-        return SimpleNamespace(logits=self.script[len(self.seen) - 1].clone())
+        return SimpleNamespace(logits=keep_logits(self.script[len(self.seen) - 1].clone(), logits_to_keep))
 
 
 def scripted_teacher(script: list[torch.Tensor]) -> Teacher:
-    return Teacher(ScriptedModel(script), None, name="scripted", shifted=False, mask_token_id=MASK)
+    return Teacher(ScriptedModel(script), None, SCRIPTED, mask_token_id=MASK)
 
 
 def peaked(token: int, height: float) -> torch.Tensor:
@@ -128,7 +129,7 @@ def test_round_schedule_halves_the_teacher_steps_each_round_and_stops_after_the_
 
 def tiny(seed: int) -> Teacher:
     torch.manual_seed(seed)
-    return new_tiny_teacher(32, 64, 2, 2, 1, 64)
+    return tiny_teacher(32, 64, 2, 2, 1, 64)
 
 
 def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:

@@ -175,7 +175,7 @@ def test_single_rank_zero_stage(stage, tmp_path, single_rank_reference):
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, single_rank_reference):
     trainer = make_trainer(tmp_path, distinct_batches=1, gradient_checkpointing=True)
-    assert trainer.model.gradient_checkpointing
+    assert trainer.model.is_activation_checkpointing
     trainer.train()
     assert losses(tmp_path) == pytest.approx(single_rank_reference[0], abs=1e-5)
 

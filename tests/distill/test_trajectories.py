@@ -33,7 +33,8 @@ from distill.trajectories import (
     trajectories_command,
 )
 from eval.tasks import build_task_datasets, is_correct
-from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
+from teachers.interface import load_teacher, save_teacher
+from tests.builders import tiny_teacher
 from tests.launch import REPO, child_env, run_launched
 
 CANVAS, BLOCK = 24, 8
@@ -73,7 +74,7 @@ def records_of(recipe) -> list[dict]:
 def test_rows_record_one_token_per_forward_block_by_block_on_the_training_prompt(tmp_path, teacher_dir, capsys):
     recipe, summary, rows = generate(tmp_path, teacher_dir)
     records = records_of(recipe)
-    teacher = load_teacher("tiny", teacher_dir)
+    teacher = load_teacher(None, teacher_dir)
     assert rows["sample_id"] == [record["id"] for record in records]
     assert len(set(rows["sample_id"])) == len(rows) == summary["samples"] == 24
 
@@ -117,7 +118,7 @@ def test_rows_record_one_token_per_forward_block_by_block_on_the_training_prompt
 def test_each_forward_commits_the_position_the_choice_ranks_first(tmp_path, teacher_dir, choice):
     # Replay the greedy trajectory one forward at a time and check the committed position is the top-ranked one.
     recipe, _, rows = generate(tmp_path, teacher_dir, train_size=4, choice=choice, temperatures=[0.0], batch_size=1)
-    teacher = load_teacher("tiny", teacher_dir)
+    teacher = load_teacher(None, teacher_dir)
     config = DecoderConfig(temperature=0.0)
     for row in rows:
         order, prompt = torch.tensor(row["order"]), torch.tensor(row["prompt_ids"])
@@ -173,7 +174,7 @@ def test_manifest_mismatch_names_the_field(tmp_path, teacher_dir):
         load_trajectories(set_dir, **expected_manifest(recipe, teacher_dir, records[:5]))
     retrained = tmp_path / "retrained"
     torch.manual_seed(1)
-    save_teacher(new_tiny_teacher(32, 64, 2, 2, 1, 64), retrained)
+    save_teacher(tiny_teacher(32, 64, 2, 2, 1, 64), retrained)
     with pytest.raises(ValueError, match="teacher_hash"):
         load_trajectories(set_dir, **expected_manifest(recipe, retrained, records))
 

@@ -37,18 +37,11 @@ FIRST_CONTENT_ID = 7  # ids below are the tokenizer's special tokens
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """The tiny Dimple-family model, identically initialised on every rank."""
-    from teachers import new_tiny_teacher
+    """The tiny Dream-LM teacher model, identically initialised on every rank."""
+    from tests.builders import tiny_teacher
 
     torch.manual_seed(seed)
-    teacher = new_tiny_teacher(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    teacher = tiny_teacher(32, 64, 2, 2, 1, 64)
     return teacher.model
 
 

@@ -10,14 +10,15 @@ import yaml
 from distill.cli import main
 from distill.recipe import DecoderConfig
 from eval.bench import bench_decoders
-from teachers.interface import new_tiny_teacher, save_teacher
+from teachers.interface import save_teacher
+from tests.builders import tiny_teacher
 
 RECORDS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(12, 34), (7, 8), (250, 9)]]
 
 
 def causal_tiny():
     torch.manual_seed(0)
-    teacher = new_tiny_teacher(32, 64, 1, 2, 1, 64)
+    teacher = tiny_teacher(32, 64, 1, 2, 1, 64)
     teacher.model.config.causal = True
     return teacher
 

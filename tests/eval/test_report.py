@@ -10,7 +10,8 @@ import yaml
 
 from distill.cli import main
 from eval.report import load_report, merge_reports, new_report, score_report, write_report
-from teachers.interface import new_tiny_teacher, save_teacher
+from teachers.interface import save_teacher
+from tests.builders import tiny_teacher
 
 
 def make_row(name, decoder, points, knob_name="threshold", batch_size=4, run="r"):
@@ -134,7 +135,7 @@ def test_report_command_rerenders_and_merges(tmp_path, capsys):
 def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
-    teacher = new_tiny_teacher(32, 64, 1, 2, 1, 64)
+    teacher = tiny_teacher(32, 64, 1, 2, 1, 64)
     save_teacher(teacher, root / "teacher")
     teacher.model.config.causal = True
     save_teacher(teacher, root / "ar")

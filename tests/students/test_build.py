@@ -5,12 +5,12 @@ import torch
 
 from distill.recipe import LoraConfig, StudentConfig
 from students.build import build_student, freeze, merged_model, trainable_parameters
-from teachers.interface import new_tiny_teacher
+from tests.builders import tiny_teacher
 
 
 def teacher_and_batch():
     torch.manual_seed(0)
-    teacher = new_tiny_teacher(32, 64, 2, 2, 1, 64)
+    teacher = tiny_teacher(32, 64, 2, 2, 1, 64)
     freeze(teacher.model)
     ids = torch.tensor([teacher.encode_prompt("12+34=") + [teacher.mask_token_id] * 4])
     return teacher, ids
@@ -49,7 +49,7 @@ def test_merged_lora_matches_adapter_outputs():
     student.eval()
     with_adapters = teacher.with_model(student).forward(ids)
     merged = merged_model(student)
-    assert type(merged).__name__ == "FewstepDimpleModel"
+    assert type(merged).__name__ == "DreamModel"
     assert torch.allclose(teacher.with_model(merged).forward(ids), with_adapters, atol=1e-5)
 
 

@@ -3,7 +3,7 @@
 from distill.recipe import validate_tree
 from eval.report import new_report
 from students.defaults import generation_settings, recommended_decoder
-from teachers.interface import new_tiny_teacher
+from tests.builders import tiny_teacher
 
 RECIPE = {
     "run": {"name": "t"},
@@ -70,21 +70,22 @@ def test_the_students_best_decoder_at_its_fastest_near_best_point():
     decoder, source = recommended_decoder(recipe, report(recipe))
     # The teacher row scores higher but is not the student; confident beats multi_block on AUP.
     assert decoder.name == "confident" and decoder.threshold == 0.9
-    assert decoder.gen_length == 24 and decoder.cache == "none" and decoder.pins == {-8: "#### "}
-    assert "student · confident at threshold=0.9" in source and "KV cache `prompt`" in source
+    # The KV-cache mode it was scored with travels too: the export decodes with fewstep's own decoding module.
+    assert decoder.gen_length == 24 and decoder.cache == "prompt" and decoder.pins == {-8: "#### "}
+    assert "student · confident at threshold=0.9" in source
 
 
 def test_without_student_rows_the_recipes_eval_decoder():
     recipe = validate_tree(RECIPE)
     decoder, source = recommended_decoder(recipe, None)
-    assert (decoder.name, decoder.threshold, decoder.gen_length, decoder.cache) == ("confident", 0.9, 24, "none")
+    assert (decoder.name, decoder.threshold, decoder.gen_length, decoder.cache) == ("confident", 0.9, 24, "prompt")
     assert "recipe's eval decoder" in source
 
 
 def test_generation_settings_hold_pins_as_token_ids():
     recipe = validate_tree(RECIPE)
     decoder, _ = recommended_decoder(recipe, None)
-    teacher = new_tiny_teacher(32, 64, 1, 2, 1, 64)
+    teacher = tiny_teacher(32, 64, 1, 2, 1, 64)
     settings = generation_settings(decoder, teacher)
     assert settings["decoder"] == "confident" and settings["gen_length"] == 24 and settings["threshold"] == 0.9
     assert settings["pin_ids"] == {"-8": teacher.tokenizer.encode("#### ", add_special_tokens=False)}

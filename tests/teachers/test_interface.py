@@ -1,5 +1,6 @@
-"""The embedded model and the teacher interface: save/reload, logit alignment, attention modes, cache, and the
-model's own `diffusion_generate` against the decoding engine."""
+"""The teacher interface over every backbone at a tiny random config: save/reload, loading without fewstep, logit
+alignment, attention modes, left padding, the prefix cache, tokens read from the chat template, and the exported
+`diffusion_generate` against fewstep's decoding engine."""
 
 import os
 import subprocess
@@ -9,28 +10,24 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from distill.decoding import decode, left_pad
+from distill.decoding import decode, decode_settings, left_pad
 from distill.recipe import DecoderConfig
-from teachers.interface import load_teacher, new_tiny_teacher, save_teacher
+from teachers.interface import BACKBONES, load_teacher, save_teacher
 from teachers.tokenizer import build_char_tokenizer
+from tests.builders import BACKBONE_NAMES, tiny_teacher
 
 
-def tiny():
+def tiny(backbone: str = "dream", published_chat: bool = True):
     torch.manual_seed(0)
-    teacher = new_tiny_teacher(32, 64, 2, 4, 2, 64)
-    teacher.model.eval()
-    return teacher
+    return tiny_teacher(32, 64, 2, 4, 2, 64, backbone=backbone, published_chat=published_chat)
 
 
 def batch(teacher, texts, tail=5):
     prompts = [teacher.encode_prompt(text) + [teacher.mask_token_id] * tail for text in texts]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[teacher.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+    return left_pad(prompts, teacher.pad_token_id)
 
 
-def test_tokenizer_round_trip_and_chat_format(tmp_path):
+def test_char_tokenizer_round_trip_and_compact_chat_format(tmp_path):
     tokenizer = build_char_tokenizer()
     text = "Ann has 5 apples.\n347+285=C:0110 #### 632"
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
@@ -43,24 +40,38 @@ def test_tokenizer_round_trip_and_chat_format(tmp_path):
     assert reloaded.mask_token == "<|mask|>" and reloaded.eos_token == "<|eos|>" and reloaded.pad_token == "<|pad|>"
 
 
-def test_save_reload_same_logits(tmp_path):
-    teacher = tiny()
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_end_of_turn_is_read_from_the_chat_template(backbone):
+    teacher = tiny(backbone)
+    closing = {"llada": "<|eot_id|>", "dream": "<|im_end|>", "dimple": "<|im_end|>"}[backbone]
+    assert teacher.end_token_id == teacher.tokenizer.convert_tokens_to_ids(closing) != teacher.eos_token_id
+    assert teacher.encode_response("46")[-1] == teacher.end_token_id
+    assert teacher.decode_response(teacher.encode_response("46") + [teacher.pad_token_id] * 3) == "46"
+    compact = tiny(backbone, published_chat=False)
+    assert compact.end_token_id == compact.eos_token_id
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_save_reload_same_logits_and_published_model_type(tmp_path, backbone):
+    teacher = tiny(backbone)
     ids, mask = batch(teacher, ["12+34=", "sort 3 1 2"])
     expected = teacher.forward(ids, mask)
     save_teacher(teacher, tmp_path / "teacher")
     assert not (tmp_path / "teacher.tmp").exists()
+    config = (tmp_path / "teacher" / "config.json").read_text()
+    assert f'"model_type": "{BACKBONES[backbone].model_type}"' in config and "auto_map" in config
     model = AutoModel.from_pretrained(tmp_path / "teacher")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
-    assert tokenizer.encode("12+34=", add_special_tokens=False) == teacher.tokenizer.encode(
-        "12+34=", add_special_tokens=False
-    )
-    raw = model(input_ids=ids, attention_mask=mask).logits
-    assert (torch.cat([raw[:, :1], raw[:, :-1]], 1) - expected).abs().max() <= 1e-6
-    assert (load_teacher("tiny", tmp_path / "teacher").forward(ids, mask) - expected).abs().max() <= 1e-6
+    assert type(model) is BACKBONES[backbone].model_class
+    reloaded = load_teacher(None, tmp_path / "teacher")
+    assert reloaded.name == backbone and reloaded.end_token_id == teacher.end_token_id
+    assert (reloaded.forward(ids, mask) - expected).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="holds a"):
+        load_teacher("llada" if backbone != "llada" else "dream", tmp_path / "teacher")
 
 
-def test_reload_with_remote_code_without_fewstep(tmp_path):
-    teacher = tiny()
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_reload_with_remote_code_without_fewstep(tmp_path, backbone):
+    teacher = tiny(backbone)
     save_teacher(teacher, tmp_path / "teacher")
     ids, mask = batch(teacher, ["12+34="])
     torch.save(
@@ -79,101 +90,102 @@ def test_reload_with_remote_code_without_fewstep(tmp_path):
         f"model = AutoModel.from_pretrained({str(tmp_path / 'teacher')!r}, trust_remote_code=True)\n"
         "diff = (model(input_ids=ref['ids'], attention_mask=ref['mask']).logits - ref['logits']).abs().max()\n"
         "assert diff <= 1e-6, diff\n"
-        "print('ok')\n"
+        "print('ok', type(model).__name__)\n"
     )
-    # `-I` isolates from the current directory and PYTHONPATH; the editable install is hidden by `-S` plus
-    # an explicit site-packages path without the fewstep finder.
+    # `-S` plus an explicit site-packages path hides the editable install's finder; cwd is not the repo.
     site = [p for p in sys.path if p.endswith("site-packages")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(site), HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run(
         [sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "ok" in result.stdout
+    assert f"ok {BACKBONES[backbone].model_class.__name__}" in result.stdout
 
 
-def test_shifted_alignment():
-    teacher = tiny()
-    ids, mask = batch(teacher, ["12+34="])
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_alignment_and_response_slice(backbone):
+    teacher = tiny(backbone)
+    ids, mask = batch(teacher, ["12+34=", "7+8="])
     raw = teacher.model(input_ids=ids, attention_mask=mask).logits
     aligned = teacher.forward(ids, mask)
-    assert torch.equal(aligned[:, 1:], raw[:, :-1])
+    if teacher.shifted:
+        assert torch.equal(aligned[:, 1:], raw[:, :-1]) and torch.equal(aligned[:, 0], raw[:, 0])
+    else:
+        assert torch.equal(aligned, raw)
+    start = ids.shape[1] - 5
+    assert (teacher.forward(ids, mask, start=start) - aligned[:, start:]).abs().max() <= 1e-6
 
 
-def test_causal_switch_and_bidirectional_default():
-    teacher = tiny()
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_causal_switch_and_bidirectional_default(backbone):
+    teacher = tiny(backbone)
     ids, mask = batch(teacher, ["12+34="])
     changed = ids.clone()
     changed[0, -1] = teacher.tokenizer.convert_tokens_to_ids("7")
-    causal = teacher.forward(ids, mask, causal=True)
-    causal_changed = teacher.forward(changed, mask, causal=True)
+    raw = teacher.model(input_ids=ids, attention_mask=mask, causal=True).logits
+    raw_changed = teacher.model(input_ids=changed, attention_mask=mask, causal=True).logits
     # Causal: a change at the last position cannot affect any earlier position's raw output.
-    assert torch.allclose(causal[:, :-1], causal_changed[:, :-1], atol=1e-6)
-    full = teacher.forward(ids, mask)
-    full_changed = teacher.forward(changed, mask)
+    assert torch.allclose(raw[:, :-1], raw_changed[:, :-1], atol=1e-6)
+    full = teacher.model(input_ids=ids, attention_mask=mask).logits
+    full_changed = teacher.model(input_ids=changed, attention_mask=mask).logits
     assert not torch.allclose(full[:, :-1], full_changed[:, :-1], atol=1e-4)
 
 
-def test_left_padding_does_not_change_logits():
-    teacher = tiny()
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_left_padding_does_not_change_logits(backbone):
+    teacher = tiny(backbone)
     ids, mask = batch(teacher, ["7+8=", "123+456="])
     alone_ids, alone_mask = batch(teacher, ["7+8="])
     padded = teacher.forward(ids, mask)[0, -alone_ids.shape[1] :]
     alone = teacher.forward(alone_ids, alone_mask)[0]
-    # Row 0 (BOS) scores nothing: shifted alignment has no predecessor for it, so it is left out.
-    padded, alone = padded[1:], alone[1:]
-    assert (padded - alone).abs().max() <= 1e-5
+    # Row 0 scores nothing for a shifted model (no predecessor), so it is left out.
+    assert (padded[1:] - alone[1:]).abs().max() <= 1e-5
 
 
-def test_prefix_cache_exact_for_causal_and_close_for_bidirectional():
-    teacher = tiny()
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_prefix_cache_exact_for_causal_and_reusable(backbone):
+    teacher = tiny(backbone)
     ids, mask = batch(teacher, ["7+8=", "123+456="], tail=6)
     prompt_len = ids.shape[1] - 6
     cache = teacher.prefill(ids[:, :prompt_len], mask[:, :prompt_len], causal=True)
-    cached = teacher.forward(ids[:, prompt_len:], mask[:, prompt_len:], cache=cache, causal=True)
     full = teacher.forward(ids, mask, causal=True)[:, prompt_len:]
-    assert (cached - full).abs().max() <= 1e-5
+    for _ in range(2):  # a forward on top of the cache leaves it as it was
+        cached = teacher.forward(ids[:, prompt_len:], mask[:, prompt_len:], cache=cache, causal=True)
+        assert (cached - full).abs().max() <= 1e-5
     # Bidirectional: the cached prompt does not see the response, an approximation, but shapes line up.
     cache = teacher.prefill(ids[:, :prompt_len], mask[:, :prompt_len])
     approx = teacher.forward(ids[:, prompt_len:], mask[:, prompt_len:], cache=cache)
     assert approx.shape == full.shape and torch.isfinite(approx).all()
 
 
-# diffusion_generate restates the decoding engine inside the modeling file (exports load it without fewstep); the
-# two must commit the same tokens at the same steps. The LM head is scaled so confidences spread over (0, 1) and
-# every threshold below commits some positions by the threshold rule and leaves others to the fallback.
+# The exported `diffusion_generate` and fewstep's engine run the same decoding module; these pin that the two call
+# paths (raw model + generation config vs Teacher + recipe decoder) agree. The LM head is scaled so confidences
+# spread over (0, 1) and every threshold below commits some positions by the threshold rule and leaves others to
+# the fallback.
 GENERATE_CASES = [
     {"name": "confident", "threshold": 0.5, "block_length": 8},
-    {"name": "confident", "threshold": 0.2, "confidence": "margin", "steps": 8},
+    {"name": "confident", "threshold": 0.2, "confidence": "margin", "steps": 8, "cache": "prompt"},
     {"name": "confident", "threshold": 0.9, "fixed_length": 10, "pins": {-4: "####"}},
-    {"name": "threshold", "threshold": 0.5, "block_length": 4},
+    {"name": "threshold", "threshold": 0.5, "block_length": 4, "cache": "blocks"},
     {"name": "multi_block", "threshold": 1.0, "block_length": 4},
     {"name": "multi_block", "threshold": 2.0, "block_length": 8, "activate_fraction": 0.3, "eos_fill": False},
     {"name": "low_confidence", "steps": 8, "block_length": 4},
-    {"name": "low_confidence", "steps": 16, "block_length": 1},
     {"name": "low_confidence", "remasking": "random", "steps": 8, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
 ]
 
 
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
 @pytest.mark.parametrize("settings", GENERATE_CASES, ids=lambda case: "-".join(map(str, case.values())))
-def test_diffusion_generate_matches_the_decoding_engine(settings):
-    teacher = tiny()
+def test_diffusion_generate_matches_the_decoding_engine(backbone, settings):
+    teacher = tiny(backbone)
     with torch.no_grad():
-        teacher.model.lm_head.weight.mul_(30)
+        teacher.model.get_output_embeddings().weight.mul_(30)
     questions = ["12+34=", "sort 3 1 2", "7+8=", "999+1=", "hello"]
     prompts = [teacher.encode_prompt(question) for question in questions]
-    config = DecoderConfig(**settings, cache="none")
+    config = DecoderConfig(**({"cache": "none"} | settings))
     expected = decode(teacher, prompts, config, 16, torch.Generator().manual_seed(3))
     ids, mask = left_pad(prompts, teacher.pad_token_id)
-    pin_ids = {
-        str(position): teacher.tokenizer.encode(text, add_special_tokens=False)
-        for position, text in config.pins.items()
-    }
-    fields = ("steps", "block_length", "threshold", "confidence", "remasking", "temperature", "top_k", "top_p")
-    fields += ("activate_fraction", "full_activate_fraction", "eos_fill", "fixed_length")
-    generation = {"decoder": config.name, "gen_length": 16, "pin_ids": pin_ids} | {
-        name: getattr(config, name) for name in fields
-    }
+    generation = decode_settings(teacher, config, 16).to_dict() | {"eos_token_id": teacher.end_token_id}
     out = teacher.model.diffusion_generate(
         ids, attention_mask=mask, generation_config=generation, generator=torch.Generator().manual_seed(3)
     )
