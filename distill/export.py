@@ -189,8 +189,8 @@ def _model_card(
         "## Decoding defaults (`generation_config.json`, key `diffusion`)",
         "",
         f"Chosen from {provenance['decoder_source']}. Any of them can be overridden per call, "
-        "e.g. `model.diffusion_generate(ids, attention_mask=mask, threshold=0.95)`; `diffusion_generate` encodes "
-        "prompt and response at every forward (no KV cache).",
+        "e.g. `model.diffusion_generate(ids, attention_mask=mask, threshold=0.95, cache='none')`; "
+        "`diffusion_generate` runs fewstep's own decoding module (`diffusion_generation.py`, beside the weights).",
         "",
         "| setting | value |",
         "|---|---|",
@@ -237,6 +237,8 @@ def write_folder(
     model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype])
     model.save_pretrained(folder, max_shard_size=settings.max_shard_size)
     student.tokenizer.save_pretrained(folder)
+    if student.image_processor is not None:
+        student.image_processor.save_pretrained(folder)
     # save_pretrained wrote fewstep's configuration/modeling files for the backbone, and `diffusion_generation.py`
     # they import, with the `auto_map` naming them (the classes are registered for the Auto classes).
     if "auto_map" not in json.loads((folder / "config.json").read_text()):

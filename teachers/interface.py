@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from teachers.backbones import (
     DimpleConfig,
@@ -70,6 +72,8 @@ class Backbone:
     lora_targets: str  # peft regex over module names: the decoder blocks' linear layers only
     chat_template: str
     chat_tokens: tuple[str, ...]  # special tokens the chat template needs (added to the character tokenizer)
+    images: bool = False  # takes image prompts through the checkpoint's Qwen2-VL image processor
+    tiny_extras: Callable[[PreTrainedTokenizerBase, dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def shifted(self) -> bool:
@@ -80,65 +84,45 @@ class Backbone:
         return self.config_class.model_type
 
     def tiny_config(self, tokenizer: PreTrainedTokenizerBase, sizes: dict[str, Any]) -> PretrainedConfig:
-        """A config of this family at the given sizes (`ModelSizeConfig` names) for `tokenizer`'s ids."""
-        # Vocab padded to a multiple of 64 so the LM-head matmul has friendly shapes.
-        vocab = (len(tokenizer) + 63) // 64 * 64
-        ids = {
-            "mask_token_id": tokenizer.mask_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
-        if self.config_class is LLaDAConfig:
-            return LLaDAConfig(
-                d_model=sizes["hidden_size"],
-                mlp_hidden_size=sizes["intermediate_size"],
-                n_layers=sizes["num_hidden_layers"],
-                n_heads=sizes["num_attention_heads"],
-                n_kv_heads=sizes["num_key_value_heads"],
-                max_sequence_length=sizes["max_position_embeddings"],
-                vocab_size=vocab,
-                embedding_size=vocab,
-                rope_theta=10000.0,
-                **ids,
-            )
-        extra = {}
-        if self.config_class is DimpleConfig:
-            # M-RoPE splits the head's rotary pairs among (t, h, w) as the 7B does (16, 24, 24 of 64).
-            pairs = sizes["hidden_size"] // sizes["num_attention_heads"] // 2
-            spatial = pairs * 3 // 8
-            vision_tokens = {
-                "vision_start_token_id": "<|vision_start|>",
-                "vision_end_token_id": "<|vision_end|>",
-                "vision_token_id": "<|vision_pad|>",
-                "image_token_id": "<|image_pad|>",
-                "video_token_id": "<|video_pad|>",
-            }
-            found = {name: tokenizer.convert_tokens_to_ids(token) for name, token in vision_tokens.items()}
-            extra = {name: index for name, index in found.items() if index != tokenizer.unk_token_id}
-            extra |= {
-                "mrope_section": [pairs - 2 * spatial, spatial, spatial],
-                "vision_config": {
-                    "depth": 1,
-                    "hidden_size": 32,
-                    "intermediate_size": 64,
-                    "num_heads": 2,
-                    "out_hidden_size": sizes["hidden_size"],
-                    "fullatt_block_indexes": [0],
-                },
-            }
+        """A config of this family at the given sizes (`ModelSizeConfig`'s standard names, which every config class
+        maps onto its own keys) for `tokenizer`'s ids."""
         return self.config_class(
-            vocab_size=vocab,
-            hidden_size=sizes["hidden_size"],
-            intermediate_size=sizes["intermediate_size"],
-            num_hidden_layers=sizes["num_hidden_layers"],
-            num_attention_heads=sizes["num_attention_heads"],
-            num_key_value_heads=sizes["num_key_value_heads"],
-            max_position_embeddings=sizes["max_position_embeddings"],
+            # Vocab padded to a multiple of 64 so the LM-head matmul has friendly shapes.
+            vocab_size=(len(tokenizer) + 63) // 64 * 64,
             rope_theta=10000.0,
-            **ids,
-            **extra,
+            mask_token_id=tokenizer.mask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sizes,
+            **(self.tiny_extras(tokenizer, sizes) if self.tiny_extras else {}),
         )
+
+
+def tiny_dimple_extras(tokenizer: PreTrainedTokenizerBase, sizes: dict[str, Any]) -> dict[str, Any]:
+    """A one-block vision tower, M-RoPE sections and the vision token ids for a tiny Dimple."""
+    # M-RoPE splits the head's rotary pairs among (t, h, w) as the 7B does (16, 24, 24 of 64).
+    pairs = sizes["hidden_size"] // sizes["num_attention_heads"] // 2
+    spatial = pairs * 3 // 8
+    vision_tokens = {
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+        "vision_token_id": "<|vision_pad|>",
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+    }
+    found = {name: tokenizer.convert_tokens_to_ids(token) for name, token in vision_tokens.items()}
+    return {name: index for name, index in found.items() if index != tokenizer.unk_token_id} | {
+        "mrope_section": [pairs - 2 * spatial, spatial, spatial],
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": sizes["hidden_size"],
+            "fullatt_block_indexes": [0],
+        },
+    }
 
 
 _QWEN_LINEAR = r".*model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -167,19 +151,30 @@ BACKBONES: dict[str, Backbone] = {
         chat_template=CHATML_TEMPLATE,
         chat_tokens=("<|im_start|>", "<|im_end|>")
         + ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
+        images=True,
+        tiny_extras=tiny_dimple_extras,
     ),
 }
 BACKBONE_OF_MODEL_TYPE = {backbone.model_type: backbone for backbone in BACKBONES.values()}
 
 
 class Teacher:
-    """A diffusion LM plus its tokenizer, with aligned logits and a uniform cache API."""
+    """A diffusion LM plus its tokenizer (and image processor, for Dimple), with aligned logits and a uniform cache
+    API."""
 
-    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, backbone: Backbone, mask_token_id: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        backbone: Backbone,
+        mask_token_id: int,
+        image_processor: Any = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.backbone = backbone
         self.mask_token_id = mask_token_id
+        self.image_processor = image_processor
 
     @cached_property
     def end_token_id(self) -> int:
@@ -196,7 +191,7 @@ class Teacher:
 
     def with_model(self, model: Any) -> Teacher:
         """The same interface over another module with the same weights layout (a student, a DeepSpeed engine)."""
-        return Teacher(model, self.tokenizer, self.backbone, self.mask_token_id)
+        return Teacher(model, self.tokenizer, self.backbone, self.mask_token_id, self.image_processor)
 
     # -- tokens -------------------------------------------------------------------------------------------------
 
@@ -342,7 +337,13 @@ def load_teacher(name: str | None, path: Path, dtype: str = "fp32") -> Teacher:
         kind, names = next(iter(wrong.items()))
         raise ValueError(f"{path}: weights do not match the {backbone.name} layout ({kind}: {sorted(names)[:3]})")
     tokenizer = load_tokenizer(path, backbone)
-    return Teacher(model.eval(), tokenizer, backbone, mask_token_id_of(model.config, tokenizer, path))
+    image_processor = None
+    if backbone.images and (path / "preprocessor_config.json").is_file():
+        # The published folder names Dimple's remote processor class; its settings are Qwen2-VL's, which
+        # transformers' PIL implementation reads as they are (no torchvision needed).
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    mask_id = mask_token_id_of(model.config, tokenizer, path)
+    return Teacher(model.eval(), tokenizer, backbone, mask_id, image_processor)
 
 
 def new_teacher(backbone: str, sizes: dict[str, Any], published_chat: bool = False) -> Teacher:
@@ -358,7 +359,9 @@ def new_teacher(backbone: str, sizes: dict[str, Any], published_chat: bool = Fal
     else:
         tokenizer = build_char_tokenizer()
     model = family.model_class(family.tiny_config(tokenizer, sizes))
-    return Teacher(model, tokenizer, family, tokenizer.mask_token_id)
+    # Qwen2-VL's preprocessing (CLIP normalisation, 14-pixel patches merged 2x2), as Dimple's checkpoint sets it.
+    image_processor = Qwen2VLImageProcessorPil() if family.images else None
+    return Teacher(model, tokenizer, family, tokenizer.mask_token_id, image_processor)
 
 
 def save_teacher(teacher: Teacher, out_dir: Path) -> None:
@@ -369,6 +372,8 @@ def save_teacher(teacher: Teacher, out_dir: Path) -> None:
         shutil.rmtree(tmp)
     teacher.model.save_pretrained(tmp, safe_serialization=True)
     teacher.tokenizer.save_pretrained(tmp)
+    if teacher.image_processor is not None:
+        teacher.image_processor.save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -8,13 +8,15 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from distill.decoding import decode, decode_settings, left_pad
 from distill.recipe import DecoderConfig
 from teachers.interface import BACKBONES, load_teacher, save_teacher
 from teachers.tokenizer import build_char_tokenizer
-from tests.builders import BACKBONE_NAMES, tiny_teacher
+from tests.builders import BACKBONE_FIXTURES, BACKBONE_NAMES, tiny_teacher
 
 
 def tiny(backbone: str = "dream", published_chat: bool = True):
@@ -201,3 +203,46 @@ def test_diffusion_generate_rejects_unknown_settings_and_bad_lengths():
         teacher.model.diffusion_generate(ids, mask, generation_config={}, threshhold=0.5)
     with pytest.raises(ValueError, match="not a multiple of block_length"):
         teacher.model.diffusion_generate(ids, mask, generation_config={"gen_length": 10, "block_length": 4})
+
+
+def test_dimple_reads_its_image_processor_and_keeps_it_on_save(tmp_path):
+    teacher = load_teacher(None, BACKBONE_FIXTURES / "dimple")
+    # The published folder names Dimple's remote processor class; Qwen2-VL's PIL processor reads its settings.
+    image = Image.fromarray((torch.rand(56, 56, 3) * 255).to(torch.uint8).numpy())
+    out = teacher.image_processor(images=[image], return_tensors="pt")
+    assert out["pixel_values"].shape == (16, 1176) and out["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert load_teacher(None, BACKBONE_FIXTURES / "dream").image_processor is None
+    save_teacher(tiny("dimple"), tmp_path / "dimple")
+    assert (tmp_path / "dimple" / "preprocessor_config.json").is_file()
+    assert load_teacher(None, tmp_path / "dimple").image_processor is not None
+
+
+FIXTURE_CASES = [("llada", "unpadded"), ("llada", "padded")]
+FIXTURE_CASES += [(name, case) for name in ("dream", "dimple") for case in ("unpadded", "padded")] + [
+    ("dimple", "image")
+]
+
+
+@pytest.mark.parametrize(("fixture", "case"), FIXTURE_CASES, ids=lambda value: str(value))
+def test_published_layout_fixtures_reproduce_through_the_teacher_interface(fixture, case):
+    # The fixture holds the RAW logits the published code computed; the interface aligns them (position i scores
+    # token i), as decoding and training see them.
+    teacher = load_teacher(None, BACKBONE_FIXTURES / fixture)
+    reference = load_file(BACKBONE_FIXTURES / fixture / "reference.safetensors")
+    ids = reference[f"{case}.input_ids"]
+    mask = reference.get(f"{case}.attention_mask", torch.ones_like(ids))
+    images = {
+        name: reference[f"{case}.{name}"]
+        for name in ("pixel_values", "image_grid_thw")
+        if f"{case}.{name}" in reference
+    }
+    with torch.no_grad():
+        logits = teacher.forward(ids, mask, **images)
+    raw = reference[f"{case}.logits"]
+    expected = torch.cat([raw[:, :1], raw[:, :-1]], dim=1) if teacher.shifted else raw
+    # Compared where the published code's output is defined: real queries (and, shifted, a real predecessor).
+    valid = mask.bool()
+    if teacher.shifted:
+        valid = valid & torch.cat([valid[:, :1], valid[:, :-1]], dim=1)
+    assert valid.sum() >= ids.numel() - 6
+    assert (logits - expected)[valid].abs().max() <= 1e-4
