@@ -674,28 +674,53 @@ class DecoderConfig(Section):
                 raise ValueError(f"pins: position {position} is outside a response of {length} tokens")
 
 
+# The adaptive sweep (`sweep: auto`) walks each decoder's knob along one of these ladders, from one token per
+# forward towards the fastest setting, and stops after the first value whose accuracy fell past AUP's cut-off.
+# `steps`: the tokens per step tried within a block; steps per block = ceil(block_length / k), ending at 1.
+STEPS_LADDER_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# γ on a probability or margin: 1.0 commits nothing by threshold (one token per forward), 0.0 everything.
+PROBABILITY_LADDER = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+# An entropy bound in nats (`multi_block`; negated for `neg_entropy`): 0 accepts only certain tokens; 12 exceeds
+# ln(vocabulary) of every supported backbone (Dream's 152k tokens: 11.9), so it accepts every token of the active
+# blocks.
+ENTROPY_LADDER = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0)
+
+
 class EvalDecoderConfig(DecoderConfig):
     """A decoder of the evaluation report, plus the sweep of its knob (all `DecoderConfig` fields apply).
 
     - `label`: the decoder's name in the report; null uses `name` (set it to tell two settings of one decoder
       apart, e.g. `confident-nocache`).
-    - `sweep`: values of the decoder's knob, one report point each: `steps` for `low_confidence` (whole numbers),
-      `threshold` for `confident`, `threshold` and `multi_block`. Empty: one point at the settings given.
+    - `sweep`: the values of the decoder's knob, one report point each: `steps` for `low_confidence` (whole
+      numbers), `threshold` for `confident`, `threshold` and `multi_block`.
+      `auto` (default): the adaptive sweep. It starts at the knob's one-token-per-forward value and walks a fixed
+      ladder towards the fastest value, stopping after the first value whose accuracy is more than 5 points below
+      the first value's (AUP's cut-off, `eval/aup.py`), so every model is swept until its accuracy breaks.
+      Ladders: `steps` = blocks x ceil(block_length / k) for k = 1, 2, 3, 4, 6, 8, 12, 16, ... tokens per step
+      (a 24-token block: 24, 12, 8, 6, 4, 3, 2, 1 steps); γ of `confident`/`threshold` with `probability` or
+      `margin` confidence: 1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0; entropy bound of
+      `multi_block`: 0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 8, 12 nats (their negatives for
+      `neg_entropy` confidence).
+      A list pins the values: each is evaluated, in the order given, without stopping. The report marks the curve
+      "cut short" when the list lacks the one-token-per-forward value or ends (short of the ladder's fastest
+      value) before accuracy fell past the cut-off. `[]`: one point at the settings given.
+      `confident` is one token per forward at γ = 1.0 only with `steps` null; with `steps` set no value is, and
+      the report marks its curve cut short.
     """
 
     label: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] | None = None
-    sweep: list[float] = []
+    sweep: Literal["auto"] | list[float] = "auto"
 
     @model_validator(mode="after")
     def _sweep_values_valid(self) -> EvalDecoderConfig:
-        for value in self.sweep:
+        for value in self.pinned:
             try:
                 self._setting(value)
             except (ValidationError, ValueError) as error:
                 detail = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
                 detail = detail.removeprefix("Value error, ")
                 raise ValueError(f"sweep value {value}: {detail}") from None
-        if len(set(self.sweep)) != len(self.sweep):
+        if len(set(self.pinned)) != len(self.pinned):
             raise ValueError("sweep values must be distinct")
         return self
 
@@ -707,6 +732,11 @@ class EvalDecoderConfig(DecoderConfig):
     def knob(self) -> str:
         return DECODER_KNOBS[self.name]
 
+    @property
+    def pinned(self) -> list[float]:
+        """The pinned sweep values; empty for `auto`."""
+        return [] if self.sweep == "auto" else self.sweep
+
     def _setting(self, value: float) -> DecoderConfig:
         if self.knob == "steps":
             if not float(value).is_integer():
@@ -715,11 +745,47 @@ class EvalDecoderConfig(DecoderConfig):
         fields = self.model_dump(exclude={"label", "sweep"}) | {self.knob: value}
         return DecoderConfig.model_validate(fields)
 
-    def settings(self) -> list[tuple[float | int | None, DecoderConfig]]:
-        """`(knob value, decoder settings)` for each point of the sweep (one point when `sweep` is empty)."""
+    def ladder(self, gen_length: int) -> list[float | int]:
+        """The knob values of the `auto` sweep on a `gen_length` canvas, from one token per forward to the fastest."""
+        if self.knob == "steps":
+            block_length = min(self.block_length or gen_length, gen_length)
+            blocks = max(gen_length // block_length, 1)
+            per_block = [-(-block_length // tokens) for tokens in STEPS_LADDER_TOKENS if tokens < 2 * block_length]
+            return [blocks * steps for steps in dict.fromkeys(per_block + [1])]
+        if self.name == "multi_block":
+            return list(ENTROPY_LADDER)
+        if self.confidence == "neg_entropy":
+            return [-bound if bound else 0.0 for bound in ENTROPY_LADDER]
+        return list(PROBABILITY_LADDER)
+
+    def one_token_knob(self, gen_length: int) -> float | int | None:
+        """The knob value that decodes one token per forward (null: none does, `confident` with `steps` set)."""
+        if self.name == "confident" and self.steps not in (None, gen_length):
+            return None
+        return self.ladder(gen_length)[0]
+
+    def faster_or_equal(self, knob: float, other: float) -> bool:
+        """Whether knob value `knob` commits at least as much per forward as `other` (lower steps or γ, higher
+        entropy bound)."""
+        return knob >= other if self.name == "multi_block" else knob <= other
+
+    def settings(self, gen_length: int | None = None) -> list[tuple[float | int | None, DecoderConfig]]:
+        """`(knob value, decoder settings)` for each point of the sweep, in the order evaluated: the pinned values,
+        one point at the settings given for `[]`, or the whole `auto` ladder (the evaluation stops it early).
+
+        `gen_length` is the canvas (default: the decoder's own); the `steps` ladder needs one. Without any, an
+        `auto` sweep of `steps` gives only its first point, at steps null (one token per forward)."""
+        gen_length = gen_length or self.gen_length
+        base = self.model_dump(exclude={"label", "sweep"})
+        if self.sweep == "auto":
+            if gen_length is None and self.knob == "steps":
+                return [(None, DecoderConfig.model_validate(base | {"steps": None}))]
+            return [(value, self._setting(value)) for value in self.ladder(gen_length)]
         if not self.sweep:
-            base = DecoderConfig.model_validate(self.model_dump(exclude={"label", "sweep"}))
-            return [(getattr(base, self.knob), base)]
+            value = getattr(self, self.knob)
+            if value is None and gen_length is not None:  # steps null: one token per forward, reported as such
+                value = gen_length
+            return [(value, DecoderConfig.model_validate(base | {self.knob: value}))]
         settings = [self._setting(value) for value in self.sweep]
         return [(getattr(setting, self.knob), setting) for setting in settings]
 
@@ -1073,11 +1139,11 @@ class Recipe(Section):
         for index, decoder in enumerate(self.eval.all_decoders()):
             where = "eval.decoder" if index == 0 else f"eval.decoders.{index - 1}"
             gen_length = decoder.gen_length or self.data.max_response_tokens
-            for value, setting in decoder.settings():
+            for value, setting in decoder.settings(gen_length):
                 try:
                     setting.check_lengths(gen_length)
                 except ValueError as error:
-                    at = f" (sweep value {value})" if decoder.sweep else ""
+                    at = f" (sweep value {value})" if decoder.pinned else ""
                     raise ValueError(f"{where}: {error}{at}") from None
         return self
 

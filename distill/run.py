@@ -17,7 +17,7 @@ Each arrow is one named call under a comment header in `run`. Everything lands i
     eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
     export/              the student as a Hugging Face folder that loads without fewstep (`export.out_dir`;
                          `distill/export.py`), verified
-    summary.json         stage times and headline figures
+    summary.json         stage times, every report point, each model's frontier and the headline ratios
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from distill.trajectories import (
     load_trajectories,
     training_records,
 )
-from eval.evaluate import evaluate_records, write_sample_log
-from eval.report import aup_lines, hardware_name, new_report, write_report
+from eval.evaluate import sweep_decoder, sweep_status, write_sample_log
+from eval.report import aup_lines, frontier_lines, hardware_name, new_report, write_report
 from teachers.interface import load_teacher
 
 
@@ -130,6 +130,7 @@ def row_decoders(recipe: Recipe, row: str) -> list[EvalDecoderConfig]:
     """Every decoder (with its sweep) a row is scored with: one left-to-right decoder for AR rows."""
     if row in autoregressive_rows(recipe):
         gen_length = recipe.eval.decoder.gen_length or recipe.data.max_response_tokens
+        # Its `auto` ladder is one value (one step per 1-token block): a complete curve of one point at TPF <= 1.
         return [EvalDecoderConfig.model_validate(row_decoder(recipe, row, gen_length).model_dump())]
     return recipe.eval.all_decoders()
 
@@ -220,11 +221,17 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
             for decoder in row_decoders(recipe, row):
                 gen_length = decoder.gen_length or recipe.data.max_response_tokens
                 points = []
-                for knob, setting in decoder.settings():
-                    batch_size, seed = recipe.eval.batch_size, recipe.run.seed
-                    result = evaluate_records(
-                        teacher, records, setting, gen_length, batch_size, task=task, row=row, seed=seed
-                    )
+                # An `auto` sweep stops once accuracy has fallen past AUP's cut-off (eval/evaluate.py).
+                for knob, result in sweep_decoder(
+                    teacher,
+                    records,
+                    decoder,
+                    gen_length,
+                    recipe.eval.batch_size,
+                    task=task,
+                    row=row,
+                    seed=recipe.run.seed,
+                ):
                     sample_logs += [{"decoder": decoder.report_name, "knob": knob} | line for line in result.logs]
                     print(
                         f"[eval] {row:12s} {task:14s} {decoder.report_name} {decoder.knob}={knob}  "
@@ -243,6 +250,9 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
                             "log": str(log),
                         }
                     )
+                status = sweep_status(decoder, gen_length, [(p["knob"], p["tpf"], p["accuracy"]) for p in points])
+                if status["cut_short"]:
+                    print(f"[eval] {row:12s} {task:14s} {decoder.report_name} cut short: {status['cut_short_reason']}")
                 rows_by_task[task].append(
                     {
                         "name": row,
@@ -256,6 +266,7 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
                         "run": recipe.run.name,
                         "hardware": hardware,
                         "batch_size": recipe.eval.batch_size,
+                        **status,
                         "points": points,
                     }
                 )
@@ -279,6 +290,7 @@ def report_summary(report: dict) -> list[dict]:
     keys = ("knob", "accuracy", "nfe", "tpf", "tokens_per_s", "samples")
     return [
         {"task": entry["task"], "row": row["name"], "decoder": row["decoder"], "aup": row["aup"]}
+        | {"cut_short": row["cut_short"]}
         | {key: point[key] for key in keys}
         for entry in report["tasks"]
         for row in entry["rows"]
@@ -286,9 +298,16 @@ def report_summary(report: dict) -> list[dict]:
     ]
 
 
+def report_frontiers(report: dict) -> list[dict]:
+    """Per task, each model's frontier and the headline ratios, as the report holds them (for the run summary)."""
+    keys = ("task", "y_max", "y_max_row", "frontiers", "headline")
+    return [{key: entry[key] for key in keys} for entry in report["tasks"]]
+
+
 def summary_lines(summary: dict, tolerance: float = 2.0) -> list[str]:
     """The run summary as printed lines: stage times, then per task, row and decoder its AUP and its fastest point
-    that stays within `tolerance` points of the row's best accuracy, then the output paths."""
+    that stays within `tolerance` points of the row's best accuracy (marked when its curve was cut short), then
+    each model's frontier and the headline ratios (`eval.report.frontier_lines`), then the output paths."""
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["stage_seconds"].items())
     lines = [f"{summary['run']}: {summary['total_seconds']:.0f} s ({stages})"]
     rows: dict[tuple[str, str, str], list[dict]] = {}
@@ -299,10 +318,12 @@ def summary_lines(summary: dict, tolerance: float = 2.0) -> list[str]:
     for (task, row, decoder), points in rows.items():
         best = max(point["accuracy"] for point in points)
         fastest = max((point for point in points if point["accuracy"] >= best - tolerance), key=lambda p: p["tpf"])
+        aup = "n/a" if points[0]["aup"] is None else f"{points[0]['aup']:.1f}"
         lines.append(
-            f"{task:14s} {row:14s} {decoder:22s} {points[0]['aup']:8.1f} {fastest['accuracy']:8.2f}% "
-            f"{fastest['tpf']:6.2f}"
+            f"{task:14s} {row:14s} {decoder:22s} {aup:>8s} {fastest['accuracy']:8.2f}% {fastest['tpf']:6.2f}"
+            + ("  cut short" if points[0].get("cut_short") else "")
         )
+    lines += frontier_lines(summary.get("frontiers", []))
     lines += [f"{name}: {path}" for name, path in summary["checkpoints"].items()]
     return lines
 
@@ -376,6 +397,7 @@ def run(recipe: Recipe) -> dict:
 
     # ---- evaluation ---------------------------------------------------------------------------------------
     results: list[dict] = []
+    frontiers: list[dict] = []
     if "eval" in recipe.run.stages and is_main_process():
         began = time.perf_counter()
         announce(recipe, "eval", start)
@@ -386,7 +408,7 @@ def run(recipe: Recipe) -> dict:
             if step["teacher_path"] and (Path(step["teacher_path"]) / "config.json").is_file():
                 rows[step["teacher"]] = Path(step["teacher_path"])
         report = evaluate_rows(recipe, datasets, rows, out_dir / "eval")
-        results = report_summary(report)
+        results, frontiers = report_summary(report), report_frontiers(report)
         if schedule:
             curve = sdtt_curve(report, schedule)
             write_json(out_dir / "eval" / "sdtt_curve.json", curve)
@@ -419,6 +441,7 @@ def run(recipe: Recipe) -> dict:
         "total_seconds": round(time.perf_counter() - start, 1),
         "checkpoints": {name: str(path) for name, path in checkpoints.items()},
         "results": results,
+        "frontiers": frontiers,
     }
     if is_main_process():
         write_json(out_dir / "summary.json", summary)

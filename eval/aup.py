@@ -9,6 +9,10 @@ every point with y_i < y_1 - 5 dropped (a decoder gets no credit for speed bough
 a trapezoid area under the curve whose heights are discounted by how far they fall below y_max, the best accuracy
 on the task among all compared rows (a report must say which row set it). An AR model (ρ = 1, one point) scores
 exactly its accuracy.
+
+A model is scored on its frontier (DESIGN.md, "Comparing models with AUP honestly"): every decoder's curve starts
+at one token per forward and runs until accuracy falls past the cut-off (`fell_past_cutoff`); the model's score is
+its best decoder's AUP, and `pareto_front` gives the points no decoder of it beats, which AUP scores alike.
 """
 
 from __future__ import annotations
@@ -29,6 +33,24 @@ def kept_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     ordered = sorted((float(tpf), float(accuracy)) for tpf, accuracy in points)
     floor = ordered[0][1] - ACCURACY_DROP_LIMIT
     return [point for point in ordered if point[1] >= floor]
+
+
+def fell_past_cutoff(points: list[tuple[float, float]]) -> bool:
+    """Whether some point lies below AUP's cut-off (y_1 - 5): where a knob sweep has gone far enough to stop."""
+    return len(kept_points(points)) < len(points)
+
+
+def pareto_front(points: list[tuple]) -> list[tuple]:
+    """The points (tuples starting `tpf, accuracy`, anything after carried along) that no other point matches or
+    beats on both TPF and accuracy while beating it on one, sorted by TPF. Of identical points the first is kept."""
+    # Fastest first (ties: most accurate first); a point stays when it is more accurate than every faster one.
+    ordered = sorted(enumerate(points), key=lambda item: (-item[1][0], -item[1][1], item[0]))
+    front, best = [], -math.inf
+    for _, point in ordered:
+        if point[1] > best:
+            front.append(point)
+            best = point[1]
+    return front[::-1]
 
 
 def aup_score(points: list[tuple[float, float]], y_max: float, alpha: float = 3.0) -> float:

@@ -1,17 +1,28 @@
 """The AUP evaluation report: scored from evaluated points, written as JSON (for tools), Markdown and HTML (for people).
 
-`report.json` (schema version 1; accuracy always in percent):
+`report.json` (schema version 2; accuracy always in percent):
 
-    {"schema_version": 1, "run": str, "created": ISO time,
+    {"schema_version": 2, "run": str, "created": ISO time,
      "hardware": str, "batch_size": int | null, "versions": {package: version}, "recipe_hash": str | null,
      "tasks": [{"task": str, "alpha": float,
                 "y_max": float, "y_max_row": {"name", "decoder", "knob"},     # the row and point that set y_max
                 "rows": [{"name": str, "decoder": str, "decoder_name": str, "knob_name": str,
                           "settings": {...},                      # decoder settings, the swept knob left out
                           "aup": float | null, "aup_error": str (only when aup is null),
+                          "sweep": "auto" | "pinned", "one_token_knob": number | null,
+                          "cut_short": bool, "cut_short_reason": str | null,
                           "run": str, "hardware": str, "batch_size": int,
                           "points": [{"knob", "tpf", "accuracy", "nfe", "tokens_per_s", "samples", "seconds",
-                                      "log"}]}]}],
+                                      "log"}]}],
+                "frontiers": [{"name": str,                       # one per model, in row order
+                               "aup": float | null, "decoder": str | null,   # its best decoder's AUP: the score
+                               "pareto_aup": float | null,        # AUP of the Pareto frontier over all its points
+                               "pareto": [{"decoder", "knob", "tpf", "accuracy"}],
+                               "one_token": {"decoder", "knob_name", "knob", "tpf", "accuracy", "aup"} | null,
+                               "cut_short": bool | null}],
+                "headline": {"y_max", "y_max_row", "student_frontier_aup", "student_decoder",
+                             "teacher_frontier_aup", "teacher_decoder", "teacher_one_token",
+                             "frontier_ratio", "one_token_ratio", "cut_short": [model names]} | null}],
      "sources": [...]}                                                    # only in merged reports
 
 `name` is the model row (`teacher`, `ar-baseline`, `student` or a checkpoint's name), `decoder` the decoder's label,
@@ -20,6 +31,21 @@ per-sample JSONL relative to the report's directory (one file per row and task; 
 `prompt`, `output`, `answer`, `correct`, `nfe`, `generated`). `y_max` is the best
 accuracy on the task over every row of the report, so merging reports rescores them. `batch_size` and
 `recipe_hash` are null in a merged report whose sources differ (each row keeps its own hardware and batch size).
+
+Frontier scoring (DESIGN.md, "Comparing models with AUP honestly"): `sweep` says how a row's knob was swept
+(`eval/evaluate.py:sweep_status`), `one_token_knob` is the knob value that decodes one token per forward, and
+`cut_short` marks a curve that lacks that value or stopped before its accuracy fell past AUP's cut-off (null in a
+version-1 report, which did not record it). A model's score is its best decoder's AUP; `pareto_aup` scores the
+points no decoder of it beats. `one_token` is the model's one-token-per-forward point with the best AUP (that
+point's AUP alone, TPF x accuracy). `headline` (when the task has a `teacher` and a `student`) holds the two
+ratios: `frontier_ratio` = student frontier AUP / teacher frontier AUP (the honest comparison) and
+`one_token_ratio` = student frontier AUP / the teacher's one-token-per-forward AUP (d3LLM's comparison with the
+vanilla-decoded teacher), both against the task's `y_max`; `cut_short` names the compared models with a curve
+cut short. Everything but the rows' sweep fields is derived by `score_report`, so a version-1 report loads and is
+rescored.
+
+The module runs past 400 lines on purpose: the schema above, its scoring and its three renderings (JSON, Markdown,
+HTML with the plot) stay in one file, so that a field is added in one place.
 """
 
 from __future__ import annotations
@@ -38,9 +64,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from distill.files import write_atomically
-from eval.aup import aup_score
+from eval.aup import ACCURACY_DROP_LIMIT, aup_score, pareto_front
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks the sweep fields and frontiers; score_report adds what it can
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
@@ -94,7 +121,8 @@ def new_report(tasks: dict[str, list[dict]], *, run: str, alpha: float, batch_si
 
 
 def score_report(report: dict) -> dict:
-    """Set each task's `y_max` (best accuracy over all its rows) and each row's AUP against it, in place."""
+    """Set each task's `y_max` (best accuracy over all its rows), each row's AUP against it, each model's frontier
+    and the headline ratios, in place."""
     for entry in report["tasks"]:
         best = None
         for row in entry["rows"]:
@@ -103,6 +131,8 @@ def score_report(report: dict) -> dict:
                     best = (point["accuracy"], {"name": row["name"], "decoder": row["decoder"], "knob": point["knob"]})
         entry["y_max"], entry["y_max_row"] = best if best else (None, None)
         for row in entry["rows"]:
+            for key in ("sweep", "one_token_knob", "cut_short", "cut_short_reason"):
+                row.setdefault(key, None)  # not recorded by a version-1 report
             row.pop("aup_error", None)
             try:
                 points = [(point["tpf"], point["accuracy"]) for point in row["points"]]
@@ -111,7 +141,80 @@ def score_report(report: dict) -> dict:
                 # Kept in the report rather than raised: one degenerate row (e.g. no token generated, TPF 0)
                 # must not cost the whole evaluation.
                 row["aup"], row["aup_error"] = None, str(error)
+        entry["frontiers"] = model_frontiers(entry)
+        entry["headline"] = headline(entry)
     return report
+
+
+def _aup_or_none(points: list[tuple[float, float]], y_max: float | None, alpha: float) -> float | None:
+    if y_max is None:  # a task without points
+        return None
+    try:
+        return aup_score(points, y_max, alpha)
+    except ValueError:  # e.g. TPF 0: no score, as for a degenerate row
+        return None
+
+
+def model_frontiers(entry: dict) -> list[dict]:
+    """Per model (rows sharing a `name`), in row order: its score, the AUP of its best decoder; the Pareto frontier
+    over the points of all its decoders and that frontier's AUP; its one-token-per-forward point (of the decoder
+    where that point scores best); and whether any of its curves was cut short (null: not recorded)."""
+    y_max, alpha = entry["y_max"], entry.get("alpha", 3.0)
+    frontiers = []
+    for name in dict.fromkeys(row["name"] for row in entry["rows"]):
+        rows = [row for row in entry["rows"] if row["name"] == name]
+        best = max((row for row in rows if row["aup"] is not None), key=lambda row: row["aup"], default=None)
+        points = [(p["tpf"], p["accuracy"], row["decoder"], p["knob"]) for row in rows for p in row["points"]]
+        front = pareto_front(points)
+        one_token = None
+        for row in rows:
+            for point in row["points"]:
+                if row["one_token_knob"] is None or point["knob"] != row["one_token_knob"]:
+                    continue
+                aup = _aup_or_none([(point["tpf"], point["accuracy"])], y_max, alpha)
+                if aup is not None and (one_token is None or aup > one_token["aup"]):
+                    one_token = {"decoder": row["decoder"], "knob_name": row["knob_name"], "knob": point["knob"]}
+                    one_token |= {"tpf": point["tpf"], "accuracy": point["accuracy"], "aup": aup}
+        flags = [row["cut_short"] for row in rows]
+        frontiers.append(
+            {
+                "name": name,
+                "aup": best["aup"] if best else None,
+                "decoder": best["decoder"] if best else None,
+                "pareto_aup": _aup_or_none([point[:2] for point in front], y_max, alpha),
+                "pareto": [
+                    {"decoder": label, "knob": knob, "tpf": tpf, "accuracy": y} for tpf, y, label, knob in front
+                ],
+                "one_token": one_token,
+                "cut_short": True if True in flags else (None if None in flags else False),
+            }
+        )
+    return frontiers
+
+
+def headline(entry: dict) -> dict | None:
+    """The two ratios of a task with a `teacher` and a `student` model (see the module docstring), else None."""
+    models = {frontier["name"]: frontier for frontier in entry["frontiers"]}
+    if "teacher" not in models or "student" not in models:
+        return None
+    student, teacher = models["student"], models["teacher"]
+
+    def ratio(numerator: float | None, denominator: float | None) -> float | None:
+        return None if numerator is None or not denominator else numerator / denominator
+
+    one_token = teacher["one_token"]
+    return {
+        "y_max": entry["y_max"],
+        "y_max_row": entry["y_max_row"],
+        "student_frontier_aup": student["aup"],
+        "student_decoder": student["decoder"],
+        "teacher_frontier_aup": teacher["aup"],
+        "teacher_decoder": teacher["decoder"],
+        "teacher_one_token": one_token,
+        "frontier_ratio": ratio(student["aup"], teacher["aup"]),
+        "one_token_ratio": ratio(student["aup"], one_token["aup"] if one_token else None),
+        "cut_short": [model["name"] for model in (student, teacher) if model["cut_short"]],
+    }
 
 
 def load_report(path: Path) -> dict:
@@ -123,8 +226,11 @@ def load_report(path: Path) -> dict:
                 report = json.loads(candidate.read_text())
             except ValueError as error:
                 raise ValueError(f"{candidate}: not valid JSON ({error})") from None
-            if not isinstance(report, dict) or report.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"{candidate}: not a fewstep report (schema_version {SCHEMA_VERSION} expected)")
+            if not isinstance(report, dict) or report.get("schema_version") not in READABLE_VERSIONS:
+                expected = " or ".join(str(version) for version in READABLE_VERSIONS)
+                raise ValueError(f"{candidate}: not a fewstep report (schema_version {expected} expected)")
+            if report["schema_version"] != SCHEMA_VERSION:
+                report = score_report(report) | {"schema_version": SCHEMA_VERSION}
             report["_dir"] = str(candidate.parent)
             return report
     raise FileNotFoundError(f"{path}: no report.json there or in {path / 'eval'}")
@@ -183,32 +289,87 @@ def merge_reports(reports: list[dict]) -> dict:
 
 
 def aup_lines(report: dict) -> list[str]:
-    """One console line per task x row x decoder with its AUP (what `distill eval` and `distill report` print)."""
+    """Console lines (what `distill eval` and `distill report` print): one per task x row x decoder with its AUP and
+    whether its curve was cut short, then each model's frontier and the task's headline (`frontier_lines`)."""
     lines = []
     for entry in report["tasks"]:
         for row in entry["rows"]:
             aup = "n/a" if row["aup"] is None else f"{row['aup']:.2f}"
-            lines.append(f"AUP {entry['task']:14s} {row['name']:20s} {row['decoder']:16s} {aup}")
+            cut = f"  cut short: {row['cut_short_reason']}" if row.get("cut_short") else ""
+            lines.append(f"AUP {entry['task']:14s} {row['name']:20s} {row['decoder']:16s} {aup}{cut}")
+    return lines + frontier_lines(report["tasks"])
+
+
+def frontier_lines(tasks: list[dict]) -> list[str]:
+    """Per task (entries holding `task`, `frontiers` and `headline`, as the report's): one line per model with its
+    frontier AUP (best decoder) and Pareto-frontier AUP, then the headline. The run summary prints them too."""
+    lines = []
+    for entry in tasks:
+        for model in entry["frontiers"]:
+            cut = {True: "  cut short", None: "  (sweep not recorded)"}.get(model["cut_short"], "")
+            lines.append(
+                f"FRONTIER {entry['task']:14s} {model['name']:20s} AUP {_number(model['aup'], 1):>8s} "
+                f"({model['decoder'] or 'no decoder scored'}), Pareto AUP {_number(model['pareto_aup'], 1)}{cut}"
+            )
+        if entry["headline"] is not None:
+            lines.append(f"HEADLINE {entry['task']}: {headline_text(entry['headline'])}")
     return lines
 
 
-def _row_label(row: dict) -> str:
-    return f"{row['name']} · {row['decoder']}"
+def headline_text(headline: dict) -> str:
+    """The two ratios in words, each with the AUPs it divides, and the y_max they were scored against."""
+    student, teacher = _number(headline["student_frontier_aup"], 1), _number(headline["teacher_frontier_aup"], 1)
+    one_token = headline["teacher_one_token"]
+    at_one = "— (no one-token-per-forward point)"
+    if one_token is not None:
+        at_one = (
+            f"{one_token['aup']:.1f} ({one_token['decoder']} {one_token['knob_name']}={one_token['knob']}: "
+            f"{one_token['accuracy']:.2f}% at TPF {one_token['tpf']:.2f})"
+        )
+    source = headline["y_max_row"] or {}
+    text = (
+        f"frontier vs frontier: student AUP {student} ({headline['student_decoder']}) / teacher AUP {teacher} "
+        f"({headline['teacher_decoder']}) = {_ratio(headline['frontier_ratio'])}; "
+        f"vs the teacher at one token per forward (d3LLM's comparison): {student} / {at_one} = "
+        f"{_ratio(headline['one_token_ratio'])}; "
+        f"y_max {_number(headline['y_max'])}% ({source.get('name')} · {source.get('decoder')} at {source.get('knob')})"
+    )
+    if headline["cut_short"]:
+        text += f"; cut short: {', '.join(headline['cut_short'])} (a ratio of curves that stopped early)"
+    return text
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
 
 
 def _number(value, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _cut_short_cell(flag: bool | None, reason: str | None = None) -> str:
+    if flag is None:
+        return "? (not recorded)"
+    return f"yes: {reason}" if flag and reason else ("yes" if flag else "no")
+
+
 def plot_task(entry: dict) -> bytes:
-    """PNG of accuracy (%) against TPF, one line per row, for one task."""
+    """PNG of accuracy (%) against TPF for one task: each model's Pareto frontier over all its decoders (bold,
+    labelled with its frontier AUP), over its decoders' own curves (thin, dotted, same colour)."""
     figure = Figure(figsize=(6.4, 4.2), dpi=110)
     FigureCanvasAgg(figure)  # render with Agg explicitly: no display, no global pyplot state
     axes = figure.add_subplot()
-    for row in entry["rows"]:
-        points = sorted((point["tpf"], point["accuracy"]) for point in row["points"])
-        label = f"{_row_label(row)} (AUP {_number(row['aup'], 1)})"
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for index, model in enumerate(entry["frontiers"]):
+        colour = f"C{index % 10}"
+        for row in entry["rows"]:
+            if row["name"] == model["name"]:
+                points = sorted((point["tpf"], point["accuracy"]) for point in row["points"])
+                axes.plot([p[0] for p in points], [p[1] for p in points], ":", marker=".", color=colour, alpha=0.5)
+        label = f"{model['name']}: AUP {_number(model['aup'], 1)} ({model['decoder']})"
+        label += f", Pareto {_number(model['pareto_aup'], 1)}"
+        label += ", cut short" if model["cut_short"] else ""
+        front = model["pareto"]
+        axes.plot([p["tpf"] for p in front], [p["accuracy"] for p in front], marker="o", color=colour, label=label)
     accuracies = {point["accuracy"] for row in entry["rows"] for point in row["points"]}
     if len(accuracies) == 1:  # a flat report: give the axis a readable range around the one value
         level = accuracies.pop()
@@ -217,7 +378,7 @@ def plot_task(entry: dict) -> bytes:
         axes.axhline(entry["y_max"], color="grey", linestyle="--", linewidth=0.8, label=f"y_max {entry['y_max']:.2f}%")
     axes.set_xlabel("tokens per forward (TPF)")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title(entry["task"])
+    axes.set_title(f"{entry['task']}: each model's frontier (dotted: its decoders)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
@@ -235,17 +396,46 @@ def _y_max_note(entry: dict) -> str:
 
 def _header_lines(report: dict) -> list[str]:
     versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+    drop = f"{ACCURACY_DROP_LIMIT:g}"
     return [
         f"run `{report['run']}` · recipe hash `{report['recipe_hash']}` · created {report['created']}",
         f"hardware: {report['hardware']} · batch size: {report['batch_size']} · {versions}",
         "AUP: trapezoid area under accuracy vs TPF, each accuracy weighted by W(y) = min(exp(-α(1 - y/y_max)), 1), "
-        "with y_max the best accuracy on the task over all rows of this report; points more than 5 below the "
+        f"with y_max the best accuracy on the task over all rows of this report; points more than {drop} below the "
         "lowest-TPF accuracy are ignored. Accuracy in percent.",
+        "Frontier scoring: every decoder's curve starts at one token per forward and its knob is swept until "
+        f"accuracy falls more than {drop} points below that first point (a curve that does not is marked cut "
+        "short); a model's score is its best decoder's AUP, and the Pareto AUP scores the points no decoder of it "
+        "beats.",
+    ]
+
+
+def _headline_lines(report: dict) -> list[str]:
+    return [
+        f"{entry['task']}: {headline_text(entry['headline'])}"
+        for entry in report["tasks"]
+        if entry["headline"] is not None
     ]
 
 
 # Each table is defined once, as (header, numeric column flags, rows of cell strings), and rendered twice.
-SUMMARY_COLUMNS = (("row", False), ("decoder", False), ("AUP", True), ("best accuracy %", True), ("max TPF", True))
+FRONTIER_COLUMNS = (
+    ("model", False),
+    ("frontier AUP", True),
+    ("best decoder", False),
+    ("Pareto AUP", True),
+    ("one token per forward", False),
+    ("cut short", False),
+)
+SUMMARY_COLUMNS = (
+    ("row", False),
+    ("decoder", False),
+    ("sweep", False),
+    ("AUP", True),
+    ("best accuracy %", True),
+    ("max TPF", True),
+    ("cut short", False),
+)
 POINT_COLUMNS = (
     ("row", False),
     ("decoder", False),
@@ -258,13 +448,31 @@ POINT_COLUMNS = (
 )
 
 
+def _frontier_rows(entry: dict) -> list[list[str]]:
+    rows = []
+    for model in entry["frontiers"]:
+        one_token = model["one_token"]
+        at_one = "—"
+        if one_token is not None:
+            at_one = (
+                f"{one_token['decoder']} {one_token['knob_name']}={one_token['knob']}: {one_token['accuracy']:.2f}% "
+                f"at TPF {one_token['tpf']:.2f} (AUP {one_token['aup']:.1f})"
+            )
+        cut = [row["decoder"] for row in entry["rows"] if row["name"] == model["name"] and row["cut_short"]]
+        cells = [model["name"], _number(model["aup"]), model["decoder"] or "—", _number(model["pareto_aup"])]
+        rows.append(cells + [at_one, _cut_short_cell(model["cut_short"], ", ".join(cut))])
+    return rows
+
+
 def _summary_rows(entry: dict) -> list[list[str]]:
     rows = []
     for row in entry["rows"]:
         best = max(point["accuracy"] for point in row["points"])
         fastest = max(point["tpf"] for point in row["points"])
         aup = _number(row["aup"]) if row["aup"] is not None else f"— ({row['aup_error']})"
-        rows.append([row["name"], row["decoder"], aup, f"{best:.2f}", f"{fastest:.2f}"])
+        sweep = row["sweep"] or "?"
+        cut = _cut_short_cell(row["cut_short"], row["cut_short_reason"])
+        rows.append([row["name"], row["decoder"], sweep, aup, f"{best:.2f}", f"{fastest:.2f}", cut])
     return rows
 
 
@@ -308,8 +516,12 @@ def _html_table(columns: tuple, rows: list[list[str]]) -> list[str]:
 def render_markdown(report: dict) -> str:
     lines = ["# fewstep evaluation report", ""]
     lines += [line + "  " for line in _header_lines(report)] + [""]
+    headlines = _headline_lines(report)
+    if headlines:
+        lines += ["## Headline", ""] + [f"- {line}" for line in headlines] + [""]
     for entry in report["tasks"]:
         lines += [f"## {entry['task']}", "", f"y_max = {_y_max_note(entry)}, α = {entry['alpha']}", ""]
+        lines += _markdown_table(FRONTIER_COLUMNS, _frontier_rows(entry)) + [""]
         lines += _markdown_table(SUMMARY_COLUMNS, _summary_rows(entry))
         lines += ["", f"![accuracy vs TPF on {entry['task']}](report-{entry['task']}.png)", ""]
         lines += _markdown_table(POINT_COLUMNS, _point_rows(entry))
@@ -326,9 +538,13 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
         "<h1>fewstep evaluation report</h1>",
     ]
     parts += [f"<p>{escape(line).replace('`', '')}</p>" for line in _header_lines(report)]
+    headlines = _headline_lines(report)
+    if headlines:
+        parts += ["<h2>Headline</h2>", "<ul>"] + [f"<li>{escape(line)}</li>" for line in headlines] + ["</ul>"]
     for entry in report["tasks"]:
         parts.append(f"<h2>{escape(entry['task'])}</h2>")
         parts.append(f"<p>y_max = {escape(_y_max_note(entry))}, α = {entry['alpha']}</p>")
+        parts += _html_table(FRONTIER_COLUMNS, _frontier_rows(entry))
         parts += _html_table(SUMMARY_COLUMNS, _summary_rows(entry))
         if entry["task"] in plots:
             encoded = base64.b64encode(plots[entry["task"]]).decode()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from eval.aup import aup_score, kept_points, weight
+from eval.aup import aup_score, fell_past_cutoff, kept_points, pareto_front, weight
 
 
 def test_autoregressive_row_scores_its_accuracy():
@@ -80,3 +80,17 @@ def test_rejects_bad_input(points, y_max, message):
 def test_all_zero_accuracy_scores_zero():
     assert aup_score([(1.0, 0.0), (3.0, 0.0)], y_max=0.0) == 0.0
     assert aup_score([(1.0, 0.0), (3.0, 0.0)], y_max=50.0) == 0.0
+
+
+def test_fell_past_cutoff_is_the_points_aup_drops():
+    assert not fell_past_cutoff([(1.0, 80.0), (2.0, 75.0)])  # exactly 5 below: kept
+    assert fell_past_cutoff([(1.0, 80.0), (2.0, 74.9)])
+    assert fell_past_cutoff([(3.0, 70.0), (1.0, 80.0)])  # y_1 is the lowest-TPF accuracy, whatever the order
+    assert not fell_past_cutoff([(1.0, 0.0), (8.0, 0.0)])
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    points = [(1, 80, "a"), (2, 80, "b"), (2, 79, "c"), (3, 70, "d"), (1.5, 85, "e"), (3, 70, "f")]
+    # a: beaten by e (faster, more accurate); c: by b (as fast, more accurate); f: identical to d, which comes first.
+    assert pareto_front(points) == [(1.5, 85, "e"), (2, 80, "b"), (3, 70, "d")]
+    assert pareto_front([(2.0, 50.0)]) == [(2.0, 50.0)]

@@ -9,12 +9,13 @@ import torch
 import yaml
 
 from distill.cli import main
-from eval.report import load_report, merge_reports, new_report, score_report, write_report
+from eval.report import aup_lines, load_report, merge_reports, new_report, score_report, write_report
 from teachers.interface import save_teacher
 from tests.builders import tiny_teacher
 
 
-def make_row(name, decoder, points, knob_name="threshold", batch_size=4, run="r"):
+def make_row(name, decoder, points, knob_name="threshold", batch_size=4, run="r", **sweep):
+    """A report row; `sweep` sets its sweep fields (`sweep`, `one_token_knob`, `cut_short`, `cut_short_reason`)."""
     return {
         "name": name,
         "decoder": decoder,
@@ -24,6 +25,7 @@ def make_row(name, decoder, points, knob_name="threshold", batch_size=4, run="r"
         "run": run,
         "hardware": "cpu",
         "batch_size": batch_size,
+        **sweep,
         "points": [
             {
                 "knob": knob,
@@ -128,6 +130,127 @@ def test_report_command_rerenders_and_merges(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Frontier scoring: each model's best decoder, its Pareto frontier, its one-token-per-forward point, the headline
+
+
+LATE = "does not start at one token per forward (threshold=1.0)"
+
+
+def frontier_report():
+    done = {"sweep": "auto", "cut_short": False, "cut_short_reason": None}
+    rows = [
+        # (knob, TPF, accuracy). The teacher's confident curve falls past the cut-off at γ 0.5 (60 < 80 - 5).
+        make_row(
+            "teacher", "confident", [(1.0, 1.0, 80.0), (0.9, 2.0, 80.0), (0.5, 3.0, 60.0)], one_token_knob=1.0, **done
+        ),
+        make_row("teacher", "low_confidence", [(24, 0.9, 82.0), (12, 1.8, 70.0)], "steps", one_token_knob=24, **done),
+        # A pinned sweep without γ 1.0: cut short.
+        make_row(
+            "teacher",
+            "threshold",
+            [(0.5, 2.0, 50.0)],
+            sweep="pinned",
+            one_token_knob=1.0,
+            cut_short=True,
+            cut_short_reason=LATE,
+        ),
+        make_row(
+            "student", "confident", [(1.0, 1.0, 84.0), (0.9, 4.0, 84.0), (0.5, 6.0, 70.0)], one_token_knob=1.0, **done
+        ),
+        make_row(
+            "student", "multi_block", [(0.0, 1.5, 83.0), (0.5, 5.0, 82.0), (2.0, 8.0, 60.0)], one_token_knob=0.0, **done
+        ),
+    ]
+    return new_report({"addition": rows}, run="r", alpha=3.0, batch_size=4, recipe_hash="h")
+
+
+def test_a_models_score_is_its_best_decoder_and_its_pareto_frontier_is_scored_alike():
+    task = frontier_report()["tasks"][0]
+    assert task["y_max"] == 84.0
+    teacher, student = task["frontiers"]
+    # Teacher: confident 80 + 1/2*(2-1)*(80*W(80) + 80*W(80)) beats low_confidence's 0.9*82 and threshold's 2*50.
+    assert (teacher["name"], teacher["decoder"]) == ("teacher", "confident")
+    assert teacher["aup"] == pytest.approx(80 + 80 * w(80, 84))
+    assert teacher["cut_short"] is True  # its threshold curve is
+    # Student: multi_block 1.5*83 + 1/2*(5-1.5)*(83*W(83) + 82*W(82)) beats confident's 84 + 1/2*3*(84+84) = 336.
+    assert (student["decoder"], student["cut_short"]) == ("multi_block", False)
+    assert student["aup"] == pytest.approx(1.5 * 83 + 1.75 * (83 * w(83, 84) + 82 * w(82, 84)))
+    # Pareto frontier over all six student points: (1, 84) is beaten by (4, 84), (1.5, 83) by (4, 84) too.
+    assert [(p["decoder"], p["knob"], p["tpf"], p["accuracy"]) for p in student["pareto"]] == [
+        ("confident", 0.9, 4.0, 84.0),
+        ("multi_block", 0.5, 5.0, 82.0),
+        ("confident", 0.5, 6.0, 70.0),
+        ("multi_block", 2.0, 8.0, 60.0),
+    ]
+    # AUP of the frontier: 70 and 60 are past the cut-off (84 - 5): 4*84 + 1/2*(5-4)*(82*W(82) + 84).
+    assert student["pareto_aup"] == pytest.approx(4 * 84 + 0.5 * (82 * w(82, 84) + 84))
+    # The one-token-per-forward point with the best AUP (TPF x accuracy): confident's 1*80 over 24 steps' 0.9*82.
+    assert teacher["one_token"] == {
+        "decoder": "confident",
+        "knob_name": "threshold",
+        "knob": 1.0,
+        "tpf": 1.0,
+        "accuracy": 80.0,
+        "aup": 80.0,
+    }
+
+
+def test_the_headline_ratios_recomputed_from_the_points(tmp_path):
+    report = frontier_report()
+    student_aup = 1.5 * 83 + 1.75 * (83 * w(83, 84) + 82 * w(82, 84))
+    teacher_aup = 80 + 80 * w(80, 84)
+    headline = report["tasks"][0]["headline"]
+    assert headline["frontier_ratio"] == pytest.approx(student_aup / teacher_aup)  # the honest comparison
+    assert headline["one_token_ratio"] == pytest.approx(student_aup / 80.0)  # d3LLM's: vs vanilla decoding
+    assert headline["y_max"] == 84.0 and headline["y_max_row"] == {
+        "name": "student",
+        "decoder": "confident",
+        "knob": 1.0,
+    }
+    assert (headline["student_decoder"], headline["teacher_decoder"], headline["cut_short"]) == (
+        "multi_block",
+        "confident",
+        ["teacher"],
+    )
+    write_report(report, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    ratios = (
+        f"student AUP {student_aup:.1f} (multi_block) / teacher AUP {teacher_aup:.1f} (confident) = "
+        f"{student_aup / teacher_aup:.2f}x",
+        f"(d3LLM's comparison): {student_aup:.1f} / 80.0 (confident threshold=1.0: 80.00% at TPF 1.00) = "
+        f"{student_aup / 80:.2f}x",
+    )
+    assert "## Headline" in markdown and all(ratio in markdown for ratio in ratios)
+    assert "y_max 84.00% (student · confident at 1.0)" in markdown and "cut short: teacher" in markdown
+    # Cut-short marks: the row's reason in the decoder table, the model's decoders in the frontier table.
+    assert f"| teacher | threshold | pinned | 100.00 | 50.00 | 2.00 | yes: {LATE} |" in markdown
+    assert f"| teacher | {teacher_aup:.2f} | confident |" in markdown and "| yes: threshold |" in markdown
+    html = (tmp_path / "report.html").read_text()
+    assert all(ratio.replace("'", "&#x27;") in html for ratio in ratios) and f"yes: {LATE}" in html
+    printed = aup_lines(report)
+    assert any(line.startswith("AUP addition") and line.endswith(f"cut short: {LATE}") for line in printed)
+    assert any(line.startswith("FRONTIER addition") and "cut short" in line for line in printed)
+    assert printed[-1].startswith("HEADLINE addition: frontier vs frontier: student AUP")
+
+
+def test_a_version_1_report_loads_and_is_scored_on_frontiers(tmp_path):
+    report = small_report()
+    for entry in report["tasks"]:
+        del entry["frontiers"], entry["headline"]
+        for row in entry["rows"]:
+            for key in ("sweep", "one_token_knob", "cut_short", "cut_short_reason"):
+                del row[key]
+    (tmp_path / "report.json").write_text(json.dumps(report | {"schema_version": 1}))
+    loaded = load_report(tmp_path)
+    assert loaded["schema_version"] == 2 and loaded["tasks"][0]["rows"][0]["cut_short"] is None
+    teacher = loaded["tasks"][0]["frontiers"][0]
+    assert teacher["aup"] == pytest.approx(report["tasks"][0]["rows"][0]["aup"])
+    assert teacher["cut_short"] is None and teacher["one_token"] is None  # not recorded in version 1
+    write_report(loaded, tmp_path / "again")
+    assert "? (not recorded)" in (tmp_path / "again" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # End to end on a random tiny teacher (accuracy ~0; what is checked is the plumbing and the schema)
 
 
@@ -161,7 +284,10 @@ def eval_recipe(tmp_path, checkpoints) -> str:
             ],
             "batch_size": 4,
             "decoder": {"name": "confident", "sweep": [0.5, 0.9, 1.0]},
-            "decoders": [{"name": "multi_block", "block_length": 4, "sweep": [0.5, 2.0]}],
+            "decoders": [
+                {"name": "multi_block", "block_length": 4, "sweep": [0.5, 2.0]},
+                {"name": "low_confidence", "block_length": 8},  # sweep: auto
+            ],
         },
         "logging": {"progress": False},
     }
@@ -180,12 +306,34 @@ def test_eval_writes_the_report_and_run_writes_the_same_one(tmp_path, tiny_check
     assert [task["task"] for task in report["tasks"]] == ["addition", "word_problems"]
     for task in report["tasks"]:
         rows = {(row["name"], row["decoder"]): row for row in task["rows"]}
-        assert list(rows) == [("teacher", "confident"), ("teacher", "multi_block"), ("ar-baseline", "low_confidence")]
-        assert [point["knob"] for point in rows["teacher", "confident"]["points"]] == [0.5, 0.9, 1.0]
-        assert [point["knob"] for point in rows["teacher", "multi_block"]["points"]] == [0.5, 2.0]
-        (ar_point,) = rows["ar-baseline", "low_confidence"]["points"]
+        assert list(rows) == [
+            ("teacher", "confident"),
+            ("teacher", "multi_block"),
+            ("teacher", "low_confidence"),
+            ("ar-baseline", "low_confidence"),
+        ]
+        # Pinned lists are decoded whole and in order; γ 1.0 is there, but a random model's accuracy never falls
+        # and γ 0 was not tried; multi_block's list lacks its one-token-per-forward bound 0.
+        confident, multi_block = rows["teacher", "confident"], rows["teacher", "multi_block"]
+        assert [point["knob"] for point in confident["points"]] == [0.5, 0.9, 1.0]
+        assert (confident["sweep"], confident["one_token_knob"], confident["cut_short"]) == ("pinned", 1.0, True)
+        assert "had not fallen" in confident["cut_short_reason"]
+        assert [point["knob"] for point in multi_block["points"]] == [0.5, 2.0]
+        assert multi_block["cut_short_reason"] == "does not start at one token per forward (threshold=0.0)"
+        # The auto ladder over 2 blocks of 8: 16, 8, 6, 4, 2 steps, stopped after the first point past the cut-off.
+        auto = rows["teacher", "low_confidence"]
+        knobs, accuracies = [p["knob"] for p in auto["points"]], [p["accuracy"] for p in auto["points"]]
+        assert knobs == [16, 8, 6, 4, 2][: len(knobs)] and auto["sweep"] == "auto" and auto["cut_short"] is False
+        broke = [accuracy < accuracies[0] - 5 for accuracy in accuracies]
+        assert not any(broke[:-1]) and (broke[-1] or knobs[-1] == 2)
+        assert "steps" not in auto["settings"]  # the swept knob lives in the points
+        ar = rows["ar-baseline", "low_confidence"]
+        (ar_point,) = ar["points"]
         assert ar_point["knob"] == 16 and ar_point["tpf"] <= 1.0
-        assert rows["ar-baseline", "low_confidence"]["settings"]["block_length"] == 1
+        assert ar["settings"]["block_length"] == 1
+        assert (ar["sweep"], ar["one_token_knob"], ar["cut_short"]) == ("auto", 16, False)  # left to right: complete
+        assert [model["name"] for model in task["frontiers"]] == ["teacher", "ar-baseline"]
+        assert task["frontiers"][0]["cut_short"] and task["headline"] is None  # no student row
         for row in task["rows"]:
             for point in row["points"]:
                 assert set(point) >= {"knob", "tpf", "accuracy", "nfe", "tokens_per_s"}
@@ -193,11 +341,12 @@ def test_eval_writes_the_report_and_run_writes_the_same_one(tmp_path, tiny_check
         assert task["y_max"] == max(p["accuracy"] for row in task["rows"] for p in row["points"])
         assert (eval_dir / f"report-{task['task']}.png").is_file()
     lines = [json.loads(line) for line in (eval_dir / "teacher" / "addition.jsonl").read_text().splitlines()]
-    assert len(lines) == 6 * 5  # 6 samples x (3 confident + 2 multi_block points)
+    points = sum(len(row["points"]) for row in report["tasks"][0]["rows"] if row["name"] == "teacher")
+    assert len(lines) == 6 * points  # 6 samples x (3 confident + 2 multi_block + the auto ladder's points)
     assert set(lines[0]) >= {"decoder", "knob", "prompt", "output", "answer", "correct", "nfe"}
     assert (eval_dir / "report.md").is_file() and (eval_dir / "report.html").is_file()
     printed = capsys.readouterr().out
-    assert "AUP" in printed and "TPF" in printed
+    assert "AUP" in printed and "TPF" in printed and "FRONTIER addition" in printed and "cut short" in printed
 
     # `distill run`'s eval stage calls the same function: the same rows and (deterministic) points.
     assert main(["run", recipe, f"run.output_dir={tmp_path / 'run2'}"]) == 0
@@ -216,6 +365,8 @@ def test_eval_writes_the_report_and_run_writes_the_same_one(tmp_path, tiny_check
     assert {(r["row"], r["task"]) for r in summary["results"]} == {
         (row, task) for row in ("teacher", "ar-baseline") for task in ("addition", "word_problems")
     }
+    assert [entry["frontiers"] for entry in summary["frontiers"]] == [entry["frontiers"] for entry in again["tasks"]]
+    assert "[run] FRONTIER addition" in capsys.readouterr().out  # the run's summary lines
 
 
 def test_eval_names_missing_checkpoints(tmp_path, capsys):
