@@ -104,8 +104,9 @@ def run_decode_bench(
     teacher = load_teacher(recipe.teacher.name, checkpoint, recipe.teacher.dtype)
     settings = []
     for decoder in recipe.eval.all_decoders():
-        _, config = decoder.settings()[0]
-        settings.append((decoder.report_name, config, decoder.gen_length or recipe.data.max_response_tokens))
+        gen_length = decoder.gen_length or recipe.data.max_response_tokens
+        _, config = decoder.settings(gen_length)[0]  # the sweep's first point: one token per forward under `auto`
+        settings.append((decoder.report_name, config, gen_length))
     batch_size = min(recipe.eval.batch_size, len(records))
     results = bench_decoders(teacher, records, settings, batch_size, repeats)
     payload = {
