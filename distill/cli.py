@@ -13,14 +13,18 @@ overrides; `report` re-renders or merges finished reports; `export` and `verify`
     distill verify exports/quickstart                                     # reload it without fewstep, compare
 
 A malformed recipe or override exits with code 2 and one line naming the dotted path, before anything is
-written; so does an export whose --out exists without --overwrite. Other expected failures (missing checkpoint,
-bad data file, a checkpoint that cannot be exported, a failed verification) exit with code 1 and one line.
+written; so do an export whose --out exists without --overwrite or is, holds or lies inside a run directory, and
+`verify` of a folder whose code fewstep did not write, without --trust-remote-code. Other expected failures
+(missing checkpoint, bad data file, a checkpoint that cannot be exported, a failed verification, a training run
+that diverged, a decode on NaN logits) exit with code 1 and one line. Ctrl-C, or SIGTERM during an export, exits
+with 128 + the signal's number and one line, the export's half-written folder removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -135,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     verify.add_argument("folder", type=Path, metavar="DIR", help="a folder written by `distill export`")
+    verify.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run DIR's Python files even though fewstep did not write them (a folder it did not export, or edited)",
+    )
 
     bench = verbs.add_parser("bench", help="benchmarks", description="Benchmarks.")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=ArgumentParser)
@@ -209,9 +218,12 @@ def cmd_trajectories(args: argparse.Namespace) -> int:
         recipe.trajectories.check_canvas(recipe.data.max_response_tokens)
     except ValueError as error:
         raise RecipeError(str(error)) from None
+    from distill.run import check_before_work, held_run_directory
     from distill.trajectories import trajectories_command
 
-    trajectories_command(recipe)
+    check_before_work(recipe, ["trajectories"])
+    with held_run_directory(Path(recipe.run.output_dir)):
+        trajectories_command(recipe)
     return 0
 
 
@@ -224,20 +236,22 @@ def _check_tasks(recipe: Recipe, tasks: list[str]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     recipe = _load(args)
     _check_tasks(recipe, args.task or [])
-    from distill.run import eval_rows, evaluate_rows
+    from distill.run import check_before_work, eval_rows, evaluate_rows, held_run_directory
     from eval.tasks import build_task_datasets
 
     out_dir = Path(recipe.run.output_dir)
+    if args.task:
+        recipe.eval.tasks = args.task
+    check_before_work(recipe, [] if args.checkpoint is not None else ["eval"])
     if args.checkpoint is not None:
         if not (args.checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"--checkpoint: {args.checkpoint} is not a model directory (no config.json)")
         rows = {args.row or args.checkpoint.name: args.checkpoint}
     else:
         rows = eval_rows(recipe, {})
-    if args.task:
-        recipe.eval.tasks = args.task
-    datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
-    evaluate_rows(recipe, datasets, rows, out_dir / "eval")
+    with held_run_directory(out_dir):
+        datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+        evaluate_rows(recipe, datasets, rows, out_dir / "eval")
     return 0
 
 
@@ -281,10 +295,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from distill.export import OutputRefused, check_out, export_command
+
+    try:
+        check_out(args.run_dir, args.out)
+    except OutputRefused as error:
+        print(f"distill: error: {error}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
     if args.out.exists() and not args.overwrite:
         print(f"distill: error: --out {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return EXIT_RECIPE_ERROR
-    from distill.export import export_command
 
     export_command(
         args.run_dir,
@@ -301,9 +321,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from distill.export import verify_folder
-    from distill.verify import summary_line
+    from distill.verify import RemoteCodeRefused, summary_line
 
-    result = verify_folder(args.folder)
+    try:
+        result = verify_folder(args.folder, trust_remote_code=args.trust_remote_code)
+    except RemoteCodeRefused as error:
+        print(f"distill: error: {error}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
     print(f"[verify] {args.folder}: ok ({summary_line(result)}; {result['seconds']} s)")
     return 0
 
@@ -356,8 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"distill: recipe error: {error}", file=sys.stderr)
         return EXIT_RECIPE_ERROR
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # OSError: a missing file, a full disk, a folder not writable
         print(f"distill: error: {error}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM during an export (`distill.export.Interrupted`)
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"distill: {args.verb} interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except RuntimeError as error:
+        # Only the trainer raises TrainingDiverged, so it can be one only once the trainer (and DeepSpeed, slow to
+        # import) is loaded. Every rank raises it; rank 0 reports it.
+        trainer = sys.modules.get("distill.trainer")
+        if trainer is None or not isinstance(error, trainer.TrainingDiverged):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"distill: error: {error}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
 
 

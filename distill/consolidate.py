@@ -1,35 +1,42 @@
 """Read a distillation checkpoint back as the student that wrote it: the export's first step (`distill/export.py`).
 
 The checkpoint is one `step-N` directory of `<run>/distill/checkpoints` (layout in `distill/trainer.py`); only one
-with its COMPLETE marker counts. Its weights are consolidated to full fp32 tensors on CPU whatever the ZeRO stage
+with its COMPLETE marker counts, and only once its files match its manifest (`latest` falls back past a damaged
+newest one, with a warning). Its weights are consolidated to full fp32 tensors on CPU whatever the ZeRO stage
 and number of ranks that wrote them, then loaded strictly into the student rebuilt as training built it
-(`students.build.build_student` on the run's teacher). A marker, state file or shard that is missing or cut off,
-or weights whose names or shapes are not the student's, raise `CheckpointError` naming the file.
+(`students.build.build_student` on the run's teacher). A marker, state file or shard that is missing, cut off,
+corrupt or not fewstep's, a file that would unpickle more than tensors (`distill.trainer.weights_only_loads`), or
+weights whose names or shapes are not the student's, raise `CheckpointError` naming the file; nothing is
+unpickled before the manifest check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import zipfile
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distill.recipe import Recipe
-from distill.trainer import COMPLETE_MARKER, latest_complete_checkpoint, list_checkpoints
+from distill.trainer import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    refused_unpickling,
+    verify_checkpoint,
+    weights_only_loads,
+)
 from students.build import build_student
 from teachers.interface import Teacher, load_teacher
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read back; the message is one line naming the file."""
-
-
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int) -> tuple[int, Path]:
-    """`(step, directory)` of the distillation checkpoint to export: the newest complete one, or step `checkpoint`."""
+    """`(step, directory)` of the distillation checkpoint to export: the newest complete and intact one, or step
+    `checkpoint` (refused when damaged)."""
     checkpoint_dir = Path(run_dir) / "distill" / "checkpoints"
     found = list_checkpoints(checkpoint_dir)
     complete = [step for step, _, done in found if done]
@@ -52,20 +59,6 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | int) -> tuple[int, Path]
     )
 
 
-def _zero_stage(checkpoint: Path) -> int:
-    if any(checkpoint.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
-        return 3  # ZeRO-3 writes one model-states file per rank; stages 0-2 write one for all
-    model_states = checkpoint / "mp_rank_00_model_states.pt"
-    if not model_states.is_file():
-        raise CheckpointError(f"{model_states}: missing, the checkpoint's model states file")
-    try:
-        # mmap: only the small config entry is read, not the weights stored beside it.
-        states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
-    except (RuntimeError, ValueError, EOFError, OSError) as error:
-        raise CheckpointError(f"{model_states}: unreadable ({str(error).strip().splitlines()[0]})") from None
-    return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-
-
 def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The full fp32 weights of a complete DeepSpeed checkpoint, and `{"zero_stage", "world_size"}`.
 
@@ -73,21 +66,18 @@ def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     ZeRO-0 keeps the whole module in its one model-states file.
     """
     checkpoint = Path(checkpoint)
-    marker = checkpoint / COMPLETE_MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"{marker}: missing, the checkpoint's save did not finish")
-    try:
-        world_size = int(json.loads(marker.read_text())["world_size"])
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{marker}: not a fewstep checkpoint marker (no world_size)") from None
-    for file in sorted(checkpoint.glob("*.pt")):
-        # torch.save writes a zip archive whose directory sits at the end: a cut-off file has none.
-        if not zipfile.is_zipfile(file):
-            raise CheckpointError(f"{file}: truncated or not a PyTorch checkpoint file")
-    stage = _zero_stage(checkpoint)
-    needed = []
-    if stage == 3:
-        needed += [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(world_size)]
+    marker_file = checkpoint / COMPLETE_MARKER
+    if not marker_file.is_file():
+        raise CheckpointError(f"{marker_file}: missing, the checkpoint's save did not finish")
+    # Every file as written (sizes, then sha256), before anything is unpickled.
+    marker = verify_checkpoint(checkpoint)
+    world_size, stage = marker["world_size"], marker.get("zero_stage")
+    if stage not in (0, 1, 2, 3):
+        raise CheckpointError(f"{marker_file}: names no ZeRO stage (not written by this version of fewstep)")
+    if stage == 3:  # ZeRO-3 writes one model-states file per rank; stages 0-2 write one for all
+        needed = [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(world_size)]
+    else:
+        needed = ["mp_rank_00_model_states.pt"]
     for rank in range(world_size if stage > 0 else 0):
         # bf16 training prefixes the optimizer partitions with `bf16_`.
         names = [f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for prefix in ("", "bf16_")]
@@ -97,16 +87,19 @@ def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if missing:
         raise CheckpointError(f"{checkpoint / missing[0]}: missing, ZeRO-{stage} over {world_size} ranks needs it")
     try:
-        if stage == 0:
-            states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            state = dict(states["module"])
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with weights_only_loads():
+            if stage == 0:
+                states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+                state = dict(states["module"])
+            else:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            # zero_to_fp32 narrates every file it reads; the export prints its own summary.
-            quiet = io.StringIO()
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+                # zero_to_fp32 narrates every file it reads; the export prints its own summary.
+                quiet = io.StringIO()
+                with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    except pickle.UnpicklingError as error:
+        raise refused_unpickling(checkpoint, error) from None
     except (RuntimeError, ValueError, KeyError, EOFError, OSError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{checkpoint}: cannot consolidate the ZeRO-{stage} checkpoint: {detail}") from None

@@ -2,7 +2,8 @@
 
 `encode_records` is the only place a record becomes ids: the prompt goes through `Teacher.encode_prompt` (the
 chat format) and the response through `Teacher.encode_response` (answer + EOS), so training, trajectories and
-evaluation can never disagree about where the response starts.
+evaluation can never disagree about where the response starts. `first_unusable` checks records against a
+tokenizer and the model's positions before any work starts, with the same two functions.
 
 `SequencePool.batch(index)` builds a training micro-batch deterministically from its global index (the trainer's
 determinism contract): `[prompt | response | answer padding]` rows, right-padded to a common width. Answer padding
@@ -44,6 +45,54 @@ def encode_records(teacher: Teacher, records, max_response_tokens: int) -> list[
             )
         )
     return examples
+
+
+def first_unusable(
+    teacher: Teacher, records, canvas: int, positions: int | None, max_response_tokens: int | None = None
+) -> tuple[dict, str] | None:
+    """The first record this teacher cannot take, and why (one line); None when every record fits.
+
+    A record is refused when its prompt or response holds a character the tokenizer cannot encode (it would
+    silently become the unknown token), when its response (answer + end of turn) needs more than
+    `max_response_tokens` (None: not checked; evaluation never encodes responses), or when its prompt plus the
+    `canvas`-token response needs more than the model's `positions` (None: not checked). Only the teacher's
+    tokenizer is used, so `teacher.model` may be None.
+    """
+    tokenizer = teacher.tokenizer
+    records = list(records)
+    if tokenizer.unk_token_id is not None:
+        # Checked character by character: the tokenizers that have an unknown token (the character tokenizer of
+        # the embedded teacher) map each character they lack to it; byte-level ones have none to map to.
+        characters = set("".join(record["prompt"] + record["response"] for record in records))
+        lacking = {c for c in characters if tokenizer.unk_token_id in tokenizer.encode(c, add_special_tokens=False)}
+        for record in records if lacking else ():
+            for field in ("prompt", "response"):
+                found = next((c for c in record[field] if c in lacking), None)
+                if found is not None:
+                    return record, (
+                        f"{field} holds {found!r} (U+{ord(found):04X}), which the teacher's tokenizer cannot encode "
+                        f"(it would become {tokenizer.unk_token})"
+                    )
+    # A text has at most as many tokens as UTF-8 bytes, plus a leading-space token; +2 more cover the end token
+    # (responses) or the chat markup splitting differently around the question than around "" (prompts). Only
+    # records near a limit are tokenized exactly: tokenizing every record would take seconds on a large set.
+    overhead = len(teacher.encode_prompt("")) if positions is not None else 0
+    for record in records:
+        if max_response_tokens is not None and len(record["response"].encode()) + 2 > max_response_tokens:
+            needed = len(teacher.encode_response(record["response"]))
+            if needed > max_response_tokens:
+                return record, (
+                    f"response needs {needed} tokens (answer + end of turn), more than data.max_response_tokens "
+                    f"{max_response_tokens}"
+                )
+        if positions is not None and overhead + len(record["prompt"].encode()) + 3 + canvas > positions:
+            needed = len(teacher.encode_prompt(record["prompt"]))
+            if needed + canvas > positions:
+                return record, (
+                    f"prompt of {needed} tokens plus the {canvas}-token response canvas needs {needed + canvas} "
+                    f"positions, more than the model's {positions}"
+                )
+    return None
 
 
 class SequencePool:

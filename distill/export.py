@@ -3,7 +3,8 @@
 run dir -> the chosen complete checkpoint read back as the student that wrote it (`distill/consolidate.py`: fp32
 weights from any ZeRO stage, loaded strictly into the rebuilt student) -> the decoding defaults
 (`students/defaults.py`) -> LoRA merged, or kept as a peft adapter -> the folder written beside `out`, verified
-(`distill/verify.py`) and renamed into place.
+(`distill/verify.py`) and renamed into place. The module runs past 400 lines on purpose: the folder, its model
+card and the refusals that keep a run safe from its own export (`check_out`, the staging clean-up) read in one place.
 
 The folder:
 
@@ -11,6 +12,7 @@ The folder:
     model.safetensors              the weights; several shards with model.safetensors.index.json when bigger than
                                    `max_shard_size`
     tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer with its mask token and chat format
+    preprocessor_config.json       Dimple only: the Qwen2-VL image processor
     generation_config.json         the decoding defaults under `diffusion` (what `diffusion_generate` reads), the
                                    mask and EOS ids
     adapter/                       only with `merge_lora: false` and a LoRA student: adapter_config.json and
@@ -20,6 +22,7 @@ The folder:
     recipe.yaml                    the run's resolved recipe
     export.json                    provenance: run, checkpoint (step, ZeRO stage, ranks), teacher, student, dtype,
                                    the decoder chosen and why (`distill verify` rebuilds the reference from it)
+    MANIFEST.json                  size and sha256 of every file but itself and verify.json (`teachers/manifest.py`)
     verify.json                    what verification measured
 
 Refusals are one line naming the file: `CheckpointError` (a checkpoint without its COMPLETE marker, a truncated or
@@ -27,15 +30,26 @@ missing state file, weights whose names or shapes are not the student's), `Expor
 load without fewstep; a checkpoint gone when an export is verified later), `VerifyError` (`distill/verify.py`).
 Nothing is left half-written: the folder
 is built in a hidden directory beside `out` and only renamed to `out` once written and verified; an existing
-`out` is replaced only with `overwrite`, and removed only after the new folder is in place.
+`out` is replaced only with `overwrite`, and removed only after the new folder is in place. An export that fails
+or is interrupted (Ctrl-C, or SIGTERM, which raises `Interrupted` while the folder is built) removes that hidden
+directory on the way out.
+
+A run is never replaced by its export: `OutputRefused` (`distill export` exits 2, before anything is written)
+when `out` is a run directory (the run exported, or any folder with a `recipe.yaml` beside a `distill/`), holds
+one, or lies inside one anywhere but `<run>/export`, where the run's own export stage writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -55,9 +69,12 @@ from distill.verify import (
     EXPORT_FILE,
     VERIFY_FILE,
     Reference,
+    RemoteCodeRefused,
+    VerifyError,
     check_files,
     read_json,
     summary_line,
+    untrusted_code,
     verify_export,
 )
 from eval.report import load_report, render_markdown
@@ -65,6 +82,7 @@ from eval.tasks import load_task_datasets
 from students.build import merged_model
 from students.defaults import generation_settings, recommended_decoder
 from teachers.interface import Teacher
+from teachers.manifest import write_manifest
 
 # Eval prompts decoded by verification; fixed ones stand in when the run directory holds no task data.
 VERIFY_SAMPLES = 4
@@ -78,6 +96,18 @@ FALLBACK_SAMPLES = [
 
 class ExportError(ValueError):
     """A run or folder that cannot be exported or verified; the message is one line naming the file."""
+
+
+class OutputRefused(ExportError):
+    """An `out` that is, holds or lies inside a run directory, so the export would replace or mix with the run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM during an export, raised (as Ctrl-C raises KeyboardInterrupt) so its staging folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,11 +304,68 @@ def write_folder(
     write_atomically(folder / "README.md", _model_card(recipe, provenance, diffusion, report, example))
     write_atomically(folder / "recipe.yaml", dump_recipe(recipe))
     write_json(folder / EXPORT_FILE, provenance)
+    # Last: the size and sha256 of every file above, which `distill verify` checks (verify.json is its result).
+    write_manifest(folder, exclude={VERIFY_FILE})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the folder may go, and how it gets there
+
+
+EXPORT_DIR = "export"  # `<run>/export`: where the run's export stage writes, the one place inside a run allowed
+REPLACED = "replaced"  # an old `out`, moved aside into the staging directory until the new folder is in place
+
+
+def is_run_dir(path: Path) -> bool:
+    """A fewstep run directory: the resolved recipe `distill run` writes, beside its distillation phase."""
+    return (path / "recipe.yaml").is_file() and (path / "distill").is_dir()
+
+
+def check_out(run_dir: Path, out: Path) -> None:
+    """Raise `OutputRefused` when `out` is a run directory, holds one, or lies inside one (but `<run>/export`).
+
+    The run exported counts whether or not it has `distill/`. Runs below an existing `out` are searched for, since
+    `overwrite` would delete them with it.
+    """
+    run, target = Path(run_dir).resolve(), Path(out).resolve()
+    advice = "choose a folder outside it"
+    if target == run or is_run_dir(target):
+        raise OutputRefused(f"--out {out}: is the run directory {target}, which the export would replace; {advice}")
+    if run in target.parents:
+        holder = run
+    else:
+        holder = next((parent for parent in target.parents if is_run_dir(parent)), None)
+    if holder is not None and target != holder / EXPORT_DIR:
+        raise OutputRefused(f"--out {out}: inside the run directory {holder}; {advice} or use {holder / EXPORT_DIR}")
+    if target in run.parents:
+        raise OutputRefused(f"--out {out}: holds the run directory {run}, which the export would replace; {advice}")
+    if target.is_dir():
+        for folder, _, _ in os.walk(target):
+            if is_run_dir(Path(folder)):
+                raise OutputRefused(f"--out {out}: holds the run directory {folder}, which --overwrite would delete")
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises `Interrupted` (once; a second one is ignored while cleanup runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread; a thread's caller owns its cleanup
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _move_into_place(folder: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished `folder` to `out`; an old `out` is moved aside first and deleted once replaced."""
-    old = folder.parent / "replaced"
+    old = folder.parent / REPLACED
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out}: exists; pass --overwrite (overwrite=True) to replace it")
@@ -324,11 +411,13 @@ def export_run(
 ) -> Path:
     """Export checkpoint `checkpoint` of the run in `run_dir` to the folder `out`; returns `out`.
 
-    Options left None take the run recipe's `export` section (`ExportConfig`). Raises `CheckpointError` for a
-    checkpoint that cannot be read back, `FileExistsError` when `out` exists and not `overwrite`, `VerifyError`
-    when the written folder fails verification (nothing is then left behind), `RecipeError` for bad options.
+    Options left None take the run recipe's `export` section (`ExportConfig`). Raises `OutputRefused` for an `out`
+    that would replace or mix with a run, `CheckpointError` for a checkpoint that cannot be read back,
+    `FileExistsError` when `out` exists and not `overwrite`, `VerifyError` when the written folder fails
+    verification (nothing is then left behind), `RecipeError` for bad options.
     """
     run_dir, out = Path(run_dir), Path(out)
+    check_out(run_dir, out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists; pass --overwrite (overwrite=True) to replace it")
     recipe = recipe or load_run_recipe(run_dir)
@@ -368,27 +457,40 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     # The folder is built under its final name inside a hidden directory beside `out` (same file system, so the
     # final rename is atomic; same name, so remote code caches it under the name it will keep).
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        folder = staging / out.name
-        folder.mkdir()
-        write_folder(folder, student, recipe, run_dir, settings, provenance)
-        if reference is not None:
-            verify_export(folder, reference)
-        _move_into_place(folder, out, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with sigterm_raises():
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            folder = staging / out.name
+            folder.mkdir()
+            write_folder(folder, student, recipe, run_dir, settings, provenance)
+            if reference is not None:
+                verify_export(folder, reference)
+            _move_into_place(folder, out, overwrite)
+        finally:
+            if (staging / REPLACED).exists() and not out.exists():
+                (staging / REPLACED).rename(out)  # stopped between moving the old `out` aside and the new one in
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
-def verify_folder(folder: Path) -> dict[str, Any]:
-    """`distill verify DIR`: verify an export against the checkpoint it came from (named in its export.json)."""
+def verify_folder(folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """`distill verify DIR`: verify an export against the checkpoint it came from (named in its export.json).
+
+    The folder's code runs in a child process: unless it is fewstep's own (`untrusted_code`), only with
+    `trust_remote_code` (`RemoteCodeRefused` otherwise).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such directory")
+    reason = untrusted_code(folder)
+    if reason is not None and not trust_remote_code:
+        raise RemoteCodeRefused(f"{reason}; verifying runs the folder's code, pass --trust-remote-code to allow it")
     check_files(folder)  # before the (for a large model, slow) consolidation the reference needs
     provenance = read_json(folder / EXPORT_FILE)
-    run_dir, checkpoint = Path(provenance["run_dir"]), Path(provenance["checkpoint"]["dir"])
+    try:
+        run_dir, checkpoint = Path(provenance["run_dir"]), Path(provenance["checkpoint"]["dir"])
+    except (KeyError, TypeError):
+        raise VerifyError(f"{folder / EXPORT_FILE}: names no run_dir and checkpoint.dir to verify against") from None
     if not checkpoint.is_dir():
         raise ExportError(f"{checkpoint}: gone, the checkpoint this export came from is needed to verify it")
     recipe = load_run_recipe(run_dir)

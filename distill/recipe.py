@@ -3,20 +3,33 @@
 A recipe is a YAML file whose sections mirror the pipeline (run, teacher, data, trajectories, targets, student,
 distill, train, eval, export, logging). Each field's docstring is its documentation. `load_recipe` applies dotted
 command-line overrides (`train.lr=3e-4`, `data.sources.0.train_size=500`, `~eval.max_samples`) to the raw YAML,
-then validates the whole tree before any work starts; unknown keys, wrong types and out-of-range values raise
-`RecipeError` with the dotted path of the offending field. The module is long on purpose: it is the one place
+then validates the whole tree before any work starts; unknown keys, wrong types, out-of-range values, NaN or
+infinity anywhere, a key given twice in one YAML mapping and a recipe file that is not UTF-8 raise `RecipeError`
+with the dotted path of the offending field (or the file and line). The module is long on purpose: it is the one place
 every option of the toolkit is declared and documented.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -24,13 +37,25 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
+def _not_blank(value: Any) -> Any:
+    # `run.output_dir=$OUT` with OUT unset gives "", which Path reads as "." (the current directory).
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty path (an unset shell variable?); give a path or null")
+    return value
+
+
+# Every path of the schema: an empty string is refused rather than read as the current directory.
+PathField = Annotated[Path, BeforeValidator(_not_blank)]
+
+
 class RecipeError(ValueError):
     """A recipe or override that cannot be used; the message is one line naming the dotted path."""
 
 
 class Section(BaseModel):
-    # Unknown keys are errors (a typo must never be silently ignored) and ints are not coerced from strings.
-    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+    # Unknown keys are errors (a typo must never be silently ignored), ints are not coerced from strings, and a
+    # float must be finite (`lr: .inf` or `"nan"` would train on garbage).
+    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True, allow_inf_nan=False)
 
 
 def _existing_path(value: Path | None) -> Path | None:
@@ -47,7 +72,8 @@ class RunConfig(Section):
     """Run identity and which pipeline stages to execute.
 
     - `name`: run name, used for the output directory and the wandb run.
-    - `output_dir`: where everything the run writes goes; default `runs/<name>`.
+    - `output_dir`: where everything the run writes goes; default `runs/<name>`. An empty value (an unset shell
+      variable) is an error, never the current directory; one `distill` process uses it at a time (`distill.lock`).
     - `seed`: seeds data generation, initialisation, masking and sampling.
     - `stages`: pipeline stages in order: `teacher` (pretrain or load the teacher), `trajectories` (the teacher
       decodes the training prompts one token per forward and records the order; see `TrajectoriesConfig`),
@@ -60,19 +86,26 @@ class RunConfig(Section):
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] = "run"
-    output_dir: Path | None = None
+    output_dir: PathField | None = None
     seed: NonNegativeInt = 0
     stages: Annotated[list[Literal["teacher", "trajectories", "distill", "eval", "export"]], Field(min_length=1)] = [
         "teacher",
         "eval",
     ]
-    cache_dir: Path | None = None
+    cache_dir: PathField | None = None
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> RunConfig:
         if self.output_dir is None:
             self.output_dir = Path("runs") / self.name
         return self
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a directory")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,12 +151,113 @@ def load_deepspeed_file(value: str) -> dict[str, Any]:
             )
         raise ValueError(f"DeepSpeed config file not found: {path}")
     try:
-        tree = json.loads(path.read_text())
+        tree = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except _NonFinite as error:
+        raise ValueError(f"{path}: {error} is not a finite number") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{path}: a DeepSpeed config must be a JSON object, got {type(tree).__name__}")
     return tree
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json reads NaN, Infinity and -Infinity, which JSON itself does not have.
+    raise _NonFinite(name)
+
+
+@functools.cache
+def deepspeed_schema() -> tuple[str, frozenset[str], dict[str, type[BaseModel]]]:
+    """What the installed DeepSpeed reads from a config: its version, the top-level keys and the pydantic model of
+    each section that has one (`zero_optimization`, `bf16`, `fp16`, the monitors).
+
+    The top-level keys are recorded by running DeepSpeed's own config parser on a config that records every key it
+    looks up (DeepSpeed has no list of them: each key is read by its own getter), less those it refuses as removed.
+    """
+    import deepspeed
+    from deepspeed.monitor.config import DeepSpeedMonitorConfig
+    from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    class Recording(dict):
+        read: set[str] = set()
+
+        def get(self, key: Any, *default: Any) -> Any:
+            Recording.read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key: Any) -> Any:
+            Recording.read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key: Any) -> bool:
+            Recording.read.add(key)
+            return super().__contains__(key)
+
+        def keys(self) -> Any:  # `KEY in config.keys()`, DeepSpeed's other way of asking
+            return RecordingKeys(super().keys())
+
+    class RecordingKeys(set):
+        def __contains__(self, key: Any) -> bool:
+            Recording.read.add(key)
+            return super().__contains__(key)
+
+    ds_config.DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1))
+    removed = set(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
+    sections: dict[str, type[BaseModel]] = {
+        "zero_optimization": DeepSpeedZeroConfig,
+        "bf16": DeepSpeedBF16Config,
+        "bfloat16": DeepSpeedBF16Config,
+        "fp16": DeepSpeedFP16Config,
+    }
+    for name, field in DeepSpeedMonitorConfig.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            sections[name] = field.annotation
+    return deepspeed.__version__, frozenset(key for key in Recording.read if isinstance(key, str)) - removed, sections
+
+
+def _model_keys(model: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
+    """Each key a DeepSpeed config model accepts (field names and aliases) -> the model of its subsection."""
+    keys: dict[str, type[BaseModel] | None] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", None) or (annotation,)  # Optional[Model] -> Model
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        for key in (name, field.alias, field.validation_alias if isinstance(field.validation_alias, str) else None):
+            if key:
+                keys[key] = sub
+    return keys
+
+
+def _check_deepspeed_keys(tree: dict[str, Any]) -> None:
+    """Refuse a key the installed DeepSpeed does not read (`zero_optimizaton` would silently train at ZeRO-0)."""
+    version, top_level, sections = deepspeed_schema()
+
+    def unknown(key: str, known: set[str] | frozenset[str], where: str) -> ValueError:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ValueError(f"'{where}{key}' is not a DeepSpeed {version} config key{hint}")
+
+    def walk(node: dict[str, Any], model: type[BaseModel], where: str) -> None:
+        keys = _model_keys(model)
+        for key, value in node.items():
+            if key not in keys:
+                raise unknown(key, set(keys), where)
+            if isinstance(value, dict) and keys[key] is not None:
+                walk(value, keys[key], f"{where}{key}.")
+
+    for key, value in tree.items():
+        if key not in top_level:
+            raise unknown(key, top_level, "")
+        if isinstance(value, dict) and key in sections:
+            walk(value, sections[key], f"{key}.")
 
 
 def _dotted_get(tree: dict[str, Any], dotted: str) -> Any:
@@ -177,7 +311,10 @@ def fill_deepspeed_auto(tree: dict[str, Any], values: dict[str, Any], prefix: st
 def check_deepspeed_config(tree: dict[str, Any], fields: dict[str, Any] | None) -> None:
     """Reject what fewstep cannot run from a `train.deepspeed` config (one-line ValueError):
     `optimizer` / `scheduler` sections, `"auto"` outside `DEEPSPEED_AUTO_FIELDS`, owned fields that disagree with
-    the TrainConfig `fields` (skipped when None) and parameter offload below ZeRO stage 3."""
+    the TrainConfig `fields` (skipped when None), parameter offload below ZeRO stage 3 and keys the installed
+    DeepSpeed does not read (`deepspeed_schema`)."""
+    if tree:
+        _check_deepspeed_keys(tree)
     for section in ("optimizer", "scheduler"):
         if section in tree:
             raise ValueError(
@@ -235,7 +372,9 @@ class TrainConfig(Section):
       `train_batch_size` (left to DeepSpeed: micro x accumulation x ranks); `"auto"` anywhere else is an error.
       A number given to one of those fields must agree with this section, and `optimizer` / `scheduler` entries
       are refused: fewstep's AdamW and schedule come from `lr`, `betas`, `weight_decay` and the schedule fields.
-      `zero_optimization.offload_param` needs ZeRO stage 3.
+      `zero_optimization.offload_param` needs ZeRO stage 3. Every key must be one the installed DeepSpeed reads
+      (top level, and inside `zero_optimization`, `bf16`, `fp16` and the monitors): a misspelt key is an error
+      naming the closest known one, where DeepSpeed would silently ignore it. NaN and infinity are refused.
     - `gradient_checkpointing`: recompute activations in backward to save memory.
     - `checkpoint_every`: save a resumable checkpoint every N optimizer steps (0: only at the end).
     - `keep_last`: resumable checkpoints kept on disk.
@@ -360,7 +499,7 @@ class TeacherConfig(Section):
     """
 
     name: Literal["llada", "dream", "dimple"] | None = None
-    path: Path | None = None
+    path: PathField | None = None
     dtype: Literal["fp32", "bf16"] = "fp32"
     pretrain: PretrainConfig | None = None
 
@@ -375,6 +514,8 @@ class TeacherConfig(Section):
             return self
         from teachers.interface import backbone_of  # the models' floor; imported here to keep validation light
 
+        if not Path(self.path).is_dir():
+            raise ValueError(f"path: {self.path} is a file, not a checkpoint folder")
         if not any(Path(self.path).glob("*.safetensors")):
             raise ValueError(f"path: {self.path} holds no *.safetensors weights")
         try:
@@ -478,14 +619,14 @@ class FileSource(Section):
     """User data from local JSONL or parquet files.
 
     - `name`: task name used in reports (any label, e.g. `gsm8k`); scoring is exact match on the `####` answer.
-    - `train_path` / `eval_path`: files; either may be null.
+    - `train_path` / `eval_path`: files; either may be null. A file that is empty or blank is an error.
     - `format`: `gsm8k` (`question`, `answer` with `#### <final>`), `prompt_response` (`prompt`, `response`), or
       `auto` (detected from the columns).
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
-    train_path: Path | None = None
-    eval_path: Path | None = None
+    train_path: PathField | None = None
+    eval_path: PathField | None = None
     format: Literal["auto", "gsm8k", "prompt_response"] = "auto"
 
     _paths_exist = field_validator("train_path", "eval_path")(_existing_path)
@@ -801,7 +942,7 @@ class CheckpointRow(Section):
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
-    path: Path
+    path: PathField
     autoregressive: bool = False
 
 
@@ -1084,7 +1225,7 @@ class ExportConfig(Section):
     dtype: Literal["fp32", "bf16"] = "fp32"
     max_shard_size: PositiveInt | Annotated[str, Field(pattern=r"^[0-9]+(GB|MB|KB|GiB|MiB|KiB)$")] = "5GB"
     verify: bool = True
-    out_dir: Path | None = None
+    out_dir: PathField | None = None
     overwrite: bool = True
 
 
@@ -1211,6 +1352,36 @@ def _format_validation_error(error: ValidationError) -> str:
     return f"{path}: {message}{shown}{extra}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML itself silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first given on line {first_line[key]})", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _check_finite(tree: Any, path: str = "") -> None:
+    """Refuse NaN and infinity anywhere in the raw tree (`train.lr=.inf`), free-form sections included."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        raise RecipeError(f"{path or 'recipe'}: {tree} is not a finite number")
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        _check_finite(value, f"{path}.{key}" if path else str(key))
+
+
 def parse_override(text: str) -> tuple[list[str], Any, bool]:
     """Parse `a.b=value` (value read as YAML: numbers, bools, lists, null) or `~a.b` (delete)."""
     if text.startswith("~"):
@@ -1224,7 +1395,7 @@ def parse_override(text: str) -> tuple[list[str], Any, bool]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override '{text}': malformed key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as error:
         raise RecipeError(f"{key}: value '{raw}' is not valid YAML ({error.problem})") from None
     return key.split("."), value, False
@@ -1277,7 +1448,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+        ) from None
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror or type(error).__name__})") from None
+    try:
+        tree = _load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -1294,6 +1474,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_tree(tree: dict) -> Recipe:
+    _check_finite(tree)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:

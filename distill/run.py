@@ -2,9 +2,15 @@
 
 load recipe -> build data -> teacher (pretrain, reuse from cache, or load) -> trajectories -> distill the student
 -> evaluate -> export -> summary.
-Each arrow is one named call under a comment header in `run`. Everything lands in `run.output_dir`:
+Each arrow is one named call under a comment header in `run`. Before the first arrow, `check_before_work` runs every
+check that can run before work (data files, the teacher's tokenizer and positions, what each stage needs from an
+earlier run), so a refused run writes nothing; then the run directory is locked for the whole run (one `distill`
+process per directory, `held_run_directory`). The module is long on purpose: the job and what it checks before it
+starts read in one place, and the other verbs that write into a run directory (`trajectories`, `eval`) take the
+same checks and lock from here. Everything lands in `run.output_dir`:
 
-    recipe.yaml          the fully resolved recipe
+    distill.lock         while a distill process uses the directory: its lock, holding its pid
+    recipe.yaml          the fully resolved recipe (written once the checks pass)
     data/<task>/         the task datasets (Arrow, `datasets.load_from_disk`)
     teacher/             the diffusion teacher (safetensors + tokenizer, loads with AutoModel)
     ar-baseline/         the AR-phase checkpoint (causal attention)
@@ -26,14 +32,21 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 
-from distill.files import write_atomically, write_json
-from distill.ranks import prepare_datasets
-from distill.recipe import DecoderConfig, EvalDecoderConfig, Recipe, dump_recipe
+from distill.data import first_unusable
+from distill.files import DirectoryLocked, lock_directory, temp_name, write_atomically, write_json
+from distill.ranks import join_ranks
+from distill.recipe import DecoderConfig, EvalDecoderConfig, FileSource, Recipe, RecipeError, dump_recipe
 from distill.trajectories import (
+    SET_DIR,
     data_hash,
     expected_manifest,
     generate_trajectories,
@@ -42,7 +55,17 @@ from distill.trajectories import (
 )
 from eval.evaluate import sweep_decoder, sweep_status, write_sample_log
 from eval.report import aup_lines, frontier_lines, hardware_name, new_report, write_report
-from teachers.interface import load_teacher
+from eval.tasks import read_task_datasets, write_task_datasets
+from eval.userdata import record_location
+from teachers.interface import (
+    Teacher,
+    backbone_of,
+    load_teacher,
+    load_tokenizer,
+    mask_token_id_of,
+    new_teacher,
+)
+from teachers.manifest import check_manifest
 
 
 def is_main_process() -> bool:
@@ -97,17 +120,29 @@ def resolve_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) ->
     if is_main_process():
         write_json(out_dir / "pretrain.json", {"key": key})
         if cache is not None:
-            staging = cache.with_name(cache.name + ".tmp")
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-            for name in ("teacher", "ar-baseline"):
-                shutil.copytree(out_dir / name, staging / name)
-            write_json(staging / "pretrain.json", {"key": key})
-            if cache.exists():
-                shutil.rmtree(cache)
-            staging.rename(cache)
+            _fill_cache(cache, out_dir, key)
     return teacher_dir, ar_dir
+
+
+def _fill_cache(cache: Path, out_dir: Path, key: str) -> None:
+    """Copy the pretrained teacher and AR baseline into `cache`. The cache is shared by runs in other directories,
+    so the copy is staged under a name of this process's own and renamed into place; when another run filled the
+    same key first, its copy is kept (the same key is the same teacher)."""
+    staging = temp_name(cache)
+    staging.mkdir(parents=True)
+    try:
+        for name in ("teacher", "ar-baseline"):
+            shutil.copytree(out_dir / name, staging / name)
+        write_json(staging / "pretrain.json", {"key": key})
+        if cache.exists() and not _pretrained_dirs(cache, key):
+            shutil.rmtree(cache)  # an incomplete or stale copy under this key
+        try:
+            staging.rename(cache)
+        except OSError:
+            if not _pretrained_dirs(cache, key):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,6 +364,215 @@ def summary_lines(summary: dict, tolerance: float = 2.0) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checks before work: whatever can be known to fail is refused before anything is written
+
+
+TRAINING_STAGES = ("trajectories", "distill")  # and `teacher` when it pretrains
+
+
+def check_before_work(recipe: Recipe, stages: Sequence[str]) -> dict:
+    """Every check of the inputs of `stages` that can run before work; returns the task datasets, read or generated
+    in memory (`write_task_datasets` stores them). Writes nothing.
+
+    Refused with RecipeError (one line naming the field, or the file and row): a data file that cannot be read or
+    holds no rows; no training records for a stage that trains, no eval records for a task the eval stage scores;
+    no teacher for a stage that needs one; a record the teacher's tokenizer cannot encode, whose response exceeds
+    the canvas or whose prompt plus canvas exceeds the model's positions; a stage whose input an earlier run must
+    have written (a trajectory set, a checkpoint, an eval row) when it is missing. Outputs of an earlier run that
+    this one would refuse to resume (pretraining checkpoints of another configuration, a trajectory set of another
+    teacher or data) raise the ValueError the stage itself raises, before anything is written.
+    """
+    out_dir = Path(recipe.run.output_dir)
+    try:
+        datasets = read_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    pretrains = "teacher" in stages and recipe.teacher.path is None
+    trains = [stage for stage in stages if stage in TRAINING_STAGES] + (["teacher"] if pretrains else [])
+    eval_tasks = (recipe.eval.tasks or recipe.data.task_names()) if "eval" in stages else []
+    _check_splits(recipe, datasets, trains, eval_tasks)
+    teacher, positions = _tokenizing_teacher(recipe, stages, pretrains)
+    if teacher is not None:
+        eval_canvas = max(d.gen_length or recipe.data.max_response_tokens for d in recipe.eval.all_decoders())
+        for task in recipe.data.task_names() if trains else []:
+            canvas = recipe.data.max_response_tokens
+            records = datasets[task]["train"].to_list()
+            _refuse_unusable(recipe, task, first_unusable(teacher, records, canvas, positions, canvas))
+        for task in eval_tasks:
+            records = datasets[task]["eval"].to_list()[: recipe.eval.max_samples]
+            _refuse_unusable(recipe, task, first_unusable(teacher, records, eval_canvas, positions))
+    _check_earlier_outputs(recipe, stages, datasets, pretrains)
+    return datasets
+
+
+def _source_fields(recipe: Recipe) -> dict[str, tuple[str, Any]]:
+    """Task name -> (its dotted recipe path, its config)."""
+    fields = {task.name: (f"data.tasks.{index}", task) for index, task in enumerate(recipe.data.tasks)}
+    return fields | {source.name: (f"data.files.{index}", source) for index, source in enumerate(recipe.data.files)}
+
+
+def _check_splits(recipe: Recipe, datasets: dict, trains: list[str], eval_tasks: list[str]) -> None:
+    fields = _source_fields(recipe)
+    if trains and not any(len(datasets[task]["train"]) for task in recipe.data.task_names()):
+        empty = [
+            f"{path}.train_path is null" if isinstance(source, FileSource) else f"{path}.train_size is 0"
+            for path, source in fields.values()
+        ]
+        raise RecipeError(f"data: the {trains[0]} stage has no training records ({', '.join(empty)})")
+    for task in eval_tasks:
+        if not len(datasets[task]["eval"]):
+            path, source = fields[task]
+            field = f"{path}.eval_path is null" if isinstance(source, FileSource) else f"{path}.eval_size is 0"
+            raise RecipeError(
+                f"{field}: the eval stage has no eval records of task '{task}' (give it some, or leave it out of "
+                "eval.tasks)"
+            )
+
+
+def _tokenizing_teacher(recipe: Recipe, stages: Sequence[str], pretrains: bool) -> tuple[Teacher | None, int | None]:
+    """The teacher's tokenizer (behind `Teacher`, without weights) and its positions, from the checkpoint the run
+    will use, or from the model `teacher.pretrain` builds; (None, None) when there is none yet and no stage needs one.
+    Refuses a stage that needs a teacher when there is none."""
+    teacher_dir = Path(recipe.teacher.path or Path(recipe.run.output_dir) / "teacher")
+    if pretrains:
+        # The very model pretraining starts from (tiny by construction): its tokenizer and its positions. Its
+        # random weights are drawn under a forked RNG, so the checks leave the global one as they found it.
+        with torch.random.fork_rng(devices=[]):
+            built = new_teacher(recipe.teacher.name, recipe.teacher.pretrain.model.model_dump())
+        return built, built.model.config.max_position_embeddings
+    if (teacher_dir / "config.json").is_file():
+        # A folder fewstep wrote is checked against its manifest (ManifestError, as loading it would raise); a
+        # published one has none, so its weights' headers are read: a cut-off download is refused here too.
+        check_manifest(teacher_dir)
+        for weights in sorted(teacher_dir.glob("*.safetensors")):
+            _check_safetensors(weights)
+        backbone = backbone_of(teacher_dir)
+        tokenizer = load_tokenizer(teacher_dir, backbone)
+        config = backbone.config_class.from_pretrained(teacher_dir)
+        positions = getattr(config, "max_position_embeddings", None)
+        return Teacher(None, tokenizer, backbone, mask_token_id_of(config, tokenizer, teacher_dir)), positions
+    needing = [stage for stage in stages if stage in TRAINING_STAGES]
+    if "eval" in stages and "teacher" in recipe.eval.rows:
+        needing.append("eval")
+    if needing:
+        raise RecipeError(
+            f"teacher.path: the {needing[0]} stage needs a teacher and {teacher_dir} holds none; set teacher.path "
+            "or add the teacher stage"
+        )
+    return None, None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse an empty, truncated or unreadable safetensors file (its header is read, not its tensors)."""
+    try:
+        with safe_open(path, framework="np"):
+            pass
+    except (SafetensorError, OSError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(f"teacher.path: {path} is not a readable safetensors file ({detail})") from None
+
+
+def _refuse_unusable(recipe: Recipe, task: str, found: tuple[dict, str] | None) -> None:
+    if found is None:
+        return
+    record, problem = found
+    path, source = _source_fields(recipe)[task]
+    where = record_location(source, record["id"]) if isinstance(source, FileSource) else f"{path} ({task})"
+    raise RecipeError(f"{where}: record {record['id']}: {problem}")
+
+
+def _check_earlier_outputs(recipe: Recipe, stages: Sequence[str], datasets: dict, pretrains: bool) -> None:
+    """What each stage reads from an earlier run (this run produces none of it): it must exist, and checkpoints or
+    trajectories this run would resume must have been written for this recipe."""
+    out_dir = Path(recipe.run.output_dir)
+    teacher_dir = Path(recipe.teacher.path or out_dir / "teacher")
+    produced = {"teacher"} if "teacher" in stages else set()
+    produced |= {"ar-baseline"} if pretrains else set()
+    produced |= {"student"} if "distill" in stages else set()
+    if pretrains:
+        train_records = [record for task in datasets.values() for record in task["train"]]
+        _check_pretraining_resumable(recipe, train_records)
+    if "distill" in stages and not recipe.distill.is_sdtt and "trajectories" not in stages:
+        set_dir = out_dir / SET_DIR
+        if not set_dir.is_dir():
+            raise RecipeError(
+                f"run.stages: the distill stage trains on the trajectory set {set_dir}, which does not exist; add the "
+                "trajectories stage"
+            )
+        if not pretrains:  # a teacher pretrained by this run has no hash yet
+            records = training_records(recipe, datasets)
+            load_trajectories(set_dir, **expected_manifest(recipe, teacher_dir, records))
+    if "eval" in stages:
+        for row in recipe.eval.rows:
+            path = teacher_dir if row == "teacher" else out_dir / row
+            if row not in produced and not (path / "config.json").is_file():
+                raise RecipeError(
+                    f"eval.rows: no checkpoint for row '{row}' at {path}, and no stage of this run makes one"
+                )
+        for index, checkpoint in enumerate(recipe.eval.checkpoints):
+            inside_run = Path(checkpoint.path).resolve().is_relative_to(out_dir.resolve())
+            if not inside_run and not (Path(checkpoint.path) / "config.json").is_file():
+                raise RecipeError(f"eval.checkpoints.{index}.path: {checkpoint.path} is not a model checkpoint")
+    if "export" in stages and "distill" not in stages:
+        from distill.trainer import list_checkpoints  # imports DeepSpeed, as the export stage does
+
+        checkpoint_dir = out_dir / "distill" / "checkpoints"
+        if not any(complete for _, _, complete in list_checkpoints(checkpoint_dir)):
+            raise RecipeError(
+                f"run.stages: the export stage exports a distillation checkpoint and {checkpoint_dir} holds none; "
+                "add the distill stage"
+            )
+
+
+def _check_pretraining_resumable(recipe: Recipe, train_records: list[dict]) -> None:
+    """The pretraining phases' refusal to resume checkpoints of another configuration, checked before work (only
+    when the teacher is not reused: a reused one trains nothing)."""
+    out_dir = Path(recipe.run.output_dir)
+    key = teacher_key(recipe, train_records)
+    cache = recipe.run.cache_dir / f"teacher-{key}" if recipe.run.cache_dir else None
+    if _pretrained_dirs(out_dir, key) or (cache is not None and _pretrained_dirs(cache, key)):
+        return
+    spec = recipe.teacher.pretrain
+    phases = {phase: config for phase, config in (("ar", spec.ar), ("diffusion", spec.diffusion))}
+    for phase, config in phases.items():
+        checkpoint_dir = out_dir / f"pretrain-{phase}" / "checkpoints"
+        if config.max_steps == 0 or config.resume == "never" or not checkpoint_dir.is_dir():
+            continue
+        from distill.pretrain import pretrain_fingerprint  # imports DeepSpeed; only when there are checkpoints
+        from distill.trainer import COMPLETE_MARKER, list_checkpoints, run_fingerprint
+
+        complete = [path for _, path, done in list_checkpoints(checkpoint_dir) if done]
+        try:
+            written_by = (
+                json.loads((complete[-1] / COMPLETE_MARKER).read_text()).get("fingerprint") if complete else None
+            )
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged marker: the trainer reports it
+        fingerprint = run_fingerprint(config, phase, pretrain_fingerprint(recipe))
+        if written_by is not None and written_by != fingerprint:
+            raise ValueError(
+                f"{phase}: the checkpoints in {checkpoint_dir} were written by a different configuration "
+                f"(fingerprint {written_by}, this run {fingerprint}); resume them with the recipe that wrote them, "
+                "or set resume: never, or use another run.output_dir"
+            )
+
+
+@contextmanager
+def held_run_directory(out_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the block on the main process (the other ranks of a launcher follow it
+    through their barriers): a second `distill` on the directory is refused, naming the holder's pid."""
+    if not is_main_process():
+        yield
+        return
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(lock_directory(out_dir))
+        except DirectoryLocked as error:
+            raise RecipeError(f"run.output_dir: {error}; wait for it to finish or use another run.output_dir") from None
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The run
 
 STAGE_ORDER = ("teacher", "trajectories", "distill", "eval", "export")
@@ -349,102 +593,110 @@ def run(recipe: Recipe) -> dict:
     stage_seconds: dict[str, float] = {}
     start = time.perf_counter()
 
-    # ---- recipe and data ----------------------------------------------------------------------------------
-    if is_main_process():
-        write_resolved_recipe(recipe, out_dir)
-    datasets = prepare_datasets(recipe, out_dir)
-    stage_seconds["data"] = time.perf_counter() - start
+    # ---- checks before work: a refused run writes nothing ---------------------------------------------------
+    datasets = check_before_work(recipe, recipe.run.stages)
+    with held_run_directory(out_dir):
+        # ---- recipe and data ------------------------------------------------------------------------------
+        rank, world_size = join_ranks()
+        if rank == 0:
+            write_resolved_recipe(recipe, out_dir)
+            write_task_datasets(datasets, recipe.data, recipe.run.seed, out_dir / "data")
+        if world_size > 1:
+            dist.barrier()  # every rank holds the same datasets in memory; rank 0 alone writes them
+        stage_seconds["data"] = time.perf_counter() - start
 
-    # ---- teacher ------------------------------------------------------------------------------------------
-    checkpoints: dict[str, Path] = {}
-    if "teacher" in recipe.run.stages:
-        began = time.perf_counter()
-        announce(recipe, "teacher", start)
-        train_records = [record for task in datasets.values() for record in task["train"]]
-        teacher_dir, ar_dir = resolve_teacher(recipe, train_records, out_dir)
-        checkpoints = {"teacher": teacher_dir}
-        if ar_dir is not None:
-            checkpoints["ar-baseline"] = ar_dir
-        stage_seconds["teacher"] = time.perf_counter() - began
-    elif recipe.teacher.path is not None:
-        checkpoints = {"teacher": recipe.teacher.path}
+        # ---- teacher ------------------------------------------------------------------------------------------
+        checkpoints: dict[str, Path] = {}
+        if "teacher" in recipe.run.stages:
+            began = time.perf_counter()
+            announce(recipe, "teacher", start)
+            train_records = [record for task in datasets.values() for record in task["train"]]
+            teacher_dir, ar_dir = resolve_teacher(recipe, train_records, out_dir)
+            checkpoints = {"teacher": teacher_dir}
+            if ar_dir is not None:
+                checkpoints["ar-baseline"] = ar_dir
+            stage_seconds["teacher"] = time.perf_counter() - began
+        elif recipe.teacher.path is not None:
+            checkpoints = {"teacher": recipe.teacher.path}
 
-    # ---- trajectories -------------------------------------------------------------------------------------
-    if "trajectories" in recipe.run.stages:
-        began = time.perf_counter()
-        announce(recipe, "trajectories", start)
-        teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
-        generate_trajectories(recipe, teacher_dir, training_records(recipe, datasets), out_dir)
-        stage_seconds["trajectories"] = time.perf_counter() - began
+        # ---- trajectories -------------------------------------------------------------------------------------
+        if "trajectories" in recipe.run.stages:
+            began = time.perf_counter()
+            announce(recipe, "trajectories", start)
+            teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
+            generate_trajectories(recipe, teacher_dir, training_records(recipe, datasets), out_dir)
+            stage_seconds["trajectories"] = time.perf_counter() - began
 
-    # ---- distillation -------------------------------------------------------------------------------------
-    if "distill" in recipe.run.stages:
-        from distill.distill import distill_student  # imports DeepSpeed; only needed when training
-
-        began = time.perf_counter()
-        announce(recipe, "distill", start)
-        teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
-        if recipe.distill.is_sdtt:
-            # SDTT trains on the task sequences themselves: no trajectory set is read.
-            records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
-        else:
-            records = training_records(recipe, datasets)
-            # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
-            manifest = expected_manifest(recipe, teacher_dir, records)
-            records = load_trajectories(out_dir / "trajectories", **manifest).to_list()
-        checkpoints["student"] = distill_student(recipe, teacher_dir, records, out_dir)
-        stage_seconds["distill"] = time.perf_counter() - began
-
-    # ---- evaluation ---------------------------------------------------------------------------------------
-    results: list[dict] = []
-    frontiers: list[dict] = []
-    if "eval" in recipe.run.stages and is_main_process():
-        began = time.perf_counter()
-        announce(recipe, "eval", start)
-        rows = eval_rows(recipe, checkpoints)
-        # An SDTT run also scores each round's starting teacher, for the curve of student vs teacher per round.
-        schedule = sdtt_round_rows(recipe) if recipe.distill.is_sdtt and "student" in rows else []
-        for step in schedule:
-            if step["teacher_path"] and (Path(step["teacher_path"]) / "config.json").is_file():
-                rows[step["teacher"]] = Path(step["teacher_path"])
-        report = evaluate_rows(recipe, datasets, rows, out_dir / "eval")
-        results, frontiers = report_summary(report), report_frontiers(report)
-        if schedule:
-            curve = sdtt_curve(report, schedule)
-            write_json(out_dir / "eval" / "sdtt_curve.json", curve)
-            for point in curve:
-                print(
-                    f"[eval] sdtt {point['task']} round {point['round']}: {point['teacher']} at "
-                    f"{point['teacher_steps']} steps {point['teacher_accuracy']}% vs {point['student']} at "
-                    f"{point['student_steps']} steps {point['student_accuracy']}%"
-                )
-        stage_seconds["eval"] = time.perf_counter() - began
-
-    # ---- export -------------------------------------------------------------------------------------------
-    if "export" in recipe.run.stages:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # the checkpoint's files from every rank are on disk before rank 0 reads them
-        if is_main_process():
-            from distill.export import export_run  # imports DeepSpeed; only needed when exporting
+        # ---- distillation -------------------------------------------------------------------------------------
+        if "distill" in recipe.run.stages:
+            from distill.distill import distill_student  # imports DeepSpeed; only needed when training
 
             began = time.perf_counter()
-            announce(recipe, "export", start)
-            export_dir = recipe.export.out_dir or out_dir / "export"
-            checkpoints["export"] = export_run(out_dir, export_dir, overwrite=recipe.export.overwrite, recipe=recipe)
-            print(f"[export] {export_dir}" + (" (verified)" if recipe.export.verify else ""))
-            stage_seconds["export"] = time.perf_counter() - began
+            announce(recipe, "distill", start)
+            teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
+            if recipe.distill.is_sdtt:
+                # SDTT trains on the task sequences themselves: no trajectory set is read.
+                records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
+            else:
+                records = training_records(recipe, datasets)
+                # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
+                manifest = expected_manifest(recipe, teacher_dir, records)
+                records = load_trajectories(out_dir / "trajectories", **manifest).to_list()
+            checkpoints["student"] = distill_student(recipe, teacher_dir, records, out_dir)
+            stage_seconds["distill"] = time.perf_counter() - began
 
-    summary = {
-        "run": recipe.run.name,
-        "output_dir": str(out_dir),
-        "stage_seconds": {name: round(value, 1) for name, value in stage_seconds.items()},
-        "total_seconds": round(time.perf_counter() - start, 1),
-        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
-        "results": results,
-        "frontiers": frontiers,
-    }
-    if is_main_process():
-        write_json(out_dir / "summary.json", summary)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return summary
+        # ---- evaluation ---------------------------------------------------------------------------------------
+        results: list[dict] = []
+        frontiers: list[dict] = []
+        if "eval" in recipe.run.stages and is_main_process():
+            began = time.perf_counter()
+            announce(recipe, "eval", start)
+            rows = eval_rows(recipe, checkpoints)
+            # An SDTT run also scores each round's starting teacher, for the curve of student vs teacher per round.
+            schedule = sdtt_round_rows(recipe) if recipe.distill.is_sdtt and "student" in rows else []
+            for step in schedule:
+                if step["teacher_path"] and (Path(step["teacher_path"]) / "config.json").is_file():
+                    rows[step["teacher"]] = Path(step["teacher_path"])
+            report = evaluate_rows(recipe, datasets, rows, out_dir / "eval")
+            results, frontiers = report_summary(report), report_frontiers(report)
+            if schedule:
+                curve = sdtt_curve(report, schedule)
+                write_json(out_dir / "eval" / "sdtt_curve.json", curve)
+                for point in curve:
+                    print(
+                        f"[eval] sdtt {point['task']} round {point['round']}: {point['teacher']} at "
+                        f"{point['teacher_steps']} steps {point['teacher_accuracy']}% vs {point['student']} at "
+                        f"{point['student_steps']} steps {point['student_accuracy']}%"
+                    )
+            stage_seconds["eval"] = time.perf_counter() - began
+
+        # ---- export -------------------------------------------------------------------------------------------
+        if "export" in recipe.run.stages:
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # the checkpoint's files from every rank are on disk before rank 0 reads them
+            if is_main_process():
+                from distill.export import export_run  # imports DeepSpeed; only needed when exporting
+
+                began = time.perf_counter()
+                announce(recipe, "export", start)
+                export_dir = recipe.export.out_dir or out_dir / "export"
+                checkpoints["export"] = export_run(
+                    out_dir, export_dir, overwrite=recipe.export.overwrite, recipe=recipe
+                )
+                print(f"[export] {export_dir}" + (" (verified)" if recipe.export.verify else ""))
+                stage_seconds["export"] = time.perf_counter() - began
+
+        summary = {
+            "run": recipe.run.name,
+            "output_dir": str(out_dir),
+            "stage_seconds": {name: round(value, 1) for name, value in stage_seconds.items()},
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+            "results": results,
+            "frontiers": frontiers,
+        }
+        if is_main_process():
+            write_json(out_dir / "summary.json", summary)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return summary

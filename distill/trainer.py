@@ -28,18 +28,30 @@ Checkpoint layout (inside the phase's `output_dir`):
     checkpoints/
         latest                     written by DeepSpeed; not trusted (see COMPLETE)
         step-00000004/             DeepSpeed files (model, optimizer and scheduler states, per rank)
-            rng-rank0000.pt ...    each rank's Python / NumPy / torch RNG states
-            COMPLETE               written by rank 0 once every rank finished writing; JSON with step, world size
+            rng-rank0000.pt ...    each rank's Python / NumPy / torch RNG states (tensors and plain values)
+            MANIFEST.json          size and sha256 of every file above (`teachers/manifest.py`), hashed by all
+                                   ranks once every rank finished writing
+            COMPLETE               written by rank 0 after the manifest; JSON with step, world size, ZeRO stage
                                    and the run fingerprint
 A step-N checkpoint holds the state after N optimizer steps. Only directories with `COMPLETE` count as
 checkpoints; the newest `keep_last` of them are kept, older ones are deleted. Resume (`resume: auto`) loads the
-newest complete checkpoint (model, optimizer, scheduler, RNG) and continues at step N+1; metric lines after step
-N are dropped from metrics.jsonl so the file reads as one uninterrupted history. A directory without `COMPLETE`
-(a save that was interrupted) is ignored with a warning. A checkpoint whose fingerprint (`run_fingerprint`: the
-config less the resume-safe fields, plus what the caller says the model and data are) differs from this run's is
-refused with a clear error rather than silently continued. `resume: never` deletes earlier checkpoints and
-metrics of the phase and starts over. A non-finite loss raises `TrainingDiverged` before any update with it
-is applied, and no checkpoint is written after it, so the last complete checkpoint stays the last good state.
+newest complete and intact checkpoint (model, optimizer, scheduler, RNG) and continues at step N+1; metric lines
+after step N are dropped from metrics.jsonl so the file reads as one uninterrupted history. A directory without
+`COMPLETE` (a save that was interrupted) is ignored with a warning, and so is one whose files do not match its
+manifest (corrupt, cut off, replaced or added since: one line naming the file), the resume falling back to the
+newest one that does; when every complete checkpoint is damaged the resume stops with `CheckpointError`. A
+checkpoint whose fingerprint (`run_fingerprint`: the config less the resume-safe fields, plus what the caller says
+the model and data are) differs from this run's is refused with a clear error rather than silently continued.
+`resume: never` deletes earlier checkpoints and metrics of the phase and starts over. A non-finite loss raises
+`TrainingDiverged` before any update with it is applied, and no checkpoint is written after it, so the last
+complete checkpoint stays the last good state.
+After every optimizer step the weights are checked too: a non-finite weight, or one past `WEIGHT_LIMIT`, raises
+`TrainingDiverged` before that step's checkpoint is written, so every checkpoint holds finite weights.
+
+Safe loading. A checkpoint's files are checked against its manifest before any is unpickled, and every
+`torch.load` of one, DeepSpeed's own included (which asks for `weights_only=False`), runs with weights_only
+forced on and only `CHECKPOINT_GLOBALS` allow-listed (`weights_only_loads`): a file that would call anything
+else is refused, never run.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -69,8 +82,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from distill.recipe import LoggingConfig, TrainConfig, fill_deepspeed_auto  # noqa: E402
+from teachers.manifest import ManifestError, check_manifest, folder_files, hash_files, write_manifest  # noqa: E402
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 BatchFn = Callable[[int], dict[str, torch.Tensor]]
@@ -82,12 +99,23 @@ DS_CONFIG_FILE = "ds_config.json"
 SHM_COMM_OP = "deepspeed_shm_comm"
 # Independent seed streams derived from the run seed.
 MICRO_STEP_STREAM, GLOBAL_RNG_STREAM = 0, 1
+# The only non-tensor classes in DeepSpeed's checkpoint files (its ZeRO optimizer states; the model states and
+# fewstep's RNG files hold tensors and plain values). fp16 would add DynamicLossScaler; fewstep has no fp16.
+CHECKPOINT_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load on every call, over its argument
+# Trained weights are O(1) (norm gains O(10)); a weight past this comes from an update that diverged (AdamW moves a
+# weight by about lr per step, so lr=1e30 gives 1e30 weights that are finite but make every later loss NaN).
+WEIGHT_LIMIT = 1e6
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last complete checkpoint is the last good state."""
+    """The loss or the weights became NaN, infinite or huge; the last complete checkpoint is the last good state."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read back; the message is one line naming the file."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,24 +265,84 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path, bool]]:
 
 def _read_marker(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / COMPLETE_MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
+        marker = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of the checkpoint `path` once its files match its manifest: exactly the files listed,
+    each of the recorded size and sha256. CheckpointError names the first file that does not."""
+    marker = _read_marker(path)
+    if not isinstance(marker.get("world_size"), int):
+        raise CheckpointError(f"{path / COMPLETE_MARKER}: not a fewstep checkpoint marker (no world_size)")
+    try:
+        check_manifest(path, required=True, strict=True, ignore={COMPLETE_MARKER})
+    except ManifestError as error:
+        raise CheckpointError(str(error)) from None
+    return marker
+
+
+# Checkpoints already reported as damaged by this process: each is reported once, however often it is looked up.
+_reported: set[Path] = set()
 
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
-    """The newest checkpoint with a COMPLETE marker, warning about newer incomplete ones."""
+    """The newest complete checkpoint whose files match its manifest, warning (one line each) about newer ones that
+    are incomplete or damaged; None without complete checkpoints. CheckpointError (naming the newest one's bad
+    file) when there are complete checkpoints but every one is damaged: a fresh start would discard them."""
+    damaged = None
     for step, path, complete in reversed(list_checkpoints(checkpoint_dir)):
         if complete:
-            return step, path
-        logger.warning(
-            "ignoring incomplete checkpoint %s (no %s marker: its save was interrupted)", path, COMPLETE_MARKER
-        )
+            try:
+                verify_checkpoint(path)
+                return step, path
+            except CheckpointError as error:
+                damaged = damaged or error
+                reason = f"ignoring damaged checkpoint of step {step}: {error}"
+        else:
+            reason = f"ignoring incomplete checkpoint {path} (no {COMPLETE_MARKER} marker: its save was interrupted)"
+        if path not in _reported:
+            _reported.add(path)
+            logger.warning("%s", reason)
+    if damaged is not None:
+        raise CheckpointError(f"{damaged}; no intact checkpoint is left in {checkpoint_dir}")
     return None
 
 
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every `torch.load` (DeepSpeed's too, which pass weights_only=False) unpickles only tensors, plain
+    values and `CHECKPOINT_GLOBALS`: a file naming any other callable raises `pickle.UnpicklingError`."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+def refused_unpickling(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """The one-line refusal of a checkpoint file that `weights_only_loads` would not unpickle."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's message: a general paragraph, then what was refused (e.g. "unsupported GLOBAL posix.system"), then docs.
+    detail = lines[1] if len(lines) > 2 else (lines[0] if lines else type(error).__name__)
+    return CheckpointError(f"{path}: refused to unpickle, it holds more than tensors and plain values ({detail})")
+
+
 def _rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain values and tensors only, so the file loads with weights_only=True (NumPy's key array would not).
+    kind, key, position, has_gauss, gauss = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": [kind, key.tolist(), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
@@ -262,7 +350,8 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, key, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
@@ -361,10 +450,18 @@ class Trainer:
         )
         torch.save(_rng_states(), path / f"rng-rank{self.rank:04d}.pt")
         dist.barrier()
+        # Every rank hashes a share of the files (a large model's optimizer states take minutes to read); rank 0
+        # lists them so all ranks split the same list.
+        names = [folder_files(path) if self.is_main else None]
+        dist.broadcast_object_list(names, src=0)
+        shares: list[Any] = [None] * self.world_size
+        dist.all_gather_object(shares, hash_files(path, names[0][self.rank :: self.world_size]))
         if self.is_main:
+            write_manifest(path, records={name: record for share in shares for name, record in share.items()})
             marker = {
                 "step": step,
                 "world_size": self.world_size,
+                "zero_stage": self.engine.zero_optimization_stage(),
                 "phase": self.phase,
                 "fingerprint": self.fingerprint,
                 "time": time.time(),
@@ -397,12 +494,19 @@ class Trainer:
                 logger.warning("%s: resume=never, deleting earlier checkpoints in %s", self.phase, self.checkpoint_dir)
                 shutil.rmtree(self.checkpoint_dir)
         else:
-            found = latest_complete_checkpoint(self.checkpoint_dir) if self.is_main else None
-            written_by = _read_marker(found[1]).get("fingerprint") if found else None
-            # Every rank must load the same step; rank 0's view of the directory decides.
-            choice = [found[0] if found else None, written_by]
+            found, written_by, damaged = None, None, None
+            if self.is_main:
+                try:
+                    found = latest_complete_checkpoint(self.checkpoint_dir)
+                except CheckpointError as error:
+                    damaged = str(error)
+                written_by = _read_marker(found[1]).get("fingerprint") if found else None
+            # Every rank must load the same step (or stop together); rank 0's view of the directory decides.
+            choice = [found[0] if found else None, written_by, damaged]
             dist.broadcast_object_list(choice, src=0)
-            step, written_by = choice
+            step, written_by, damaged = choice
+            if damaged is not None:
+                raise CheckpointError(damaged)
             if step is not None and written_by != self.fingerprint:
                 raise ValueError(
                     f"{self.phase}: the checkpoints in {self.checkpoint_dir} were written by a different configuration "
@@ -419,13 +523,23 @@ class Trainer:
         return step
 
     def _load_checkpoint(self, step: int) -> None:
+        """Load a checkpoint rank 0 verified (`latest_complete_checkpoint`), unpickling only tensors, plain values
+        and `CHECKPOINT_GLOBALS`."""
         tag = checkpoint_tag(step)
-        load_path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        try:
+            with weights_only_loads():
+                load_path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        except pickle.UnpicklingError as error:
+            raise refused_unpickling(self.checkpoint_dir / tag, error) from None
         if load_path is None:
             raise RuntimeError(f"{self.phase}: DeepSpeed could not load checkpoint {self.checkpoint_dir / tag}")
         rng_file = self.checkpoint_dir / tag / f"rng-rank{self.rank:04d}.pt"
         if rng_file.is_file():
-            _set_rng_states(torch.load(rng_file, weights_only=False))
+            try:
+                states = torch.load(rng_file, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise refused_unpickling(rng_file, error) from None
+            _set_rng_states(states)
         else:
             # Saved with fewer ranks: this rank never had RNG states, so derive fresh ones deterministically.
             logger.warning("%s: %s has no RNG states for rank %d; reseeding", self.phase, tag, self.rank)
@@ -480,12 +594,36 @@ class Trainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def _diverged(self, step: int, micro_index: int, loss: float) -> TrainingDiverged:
-        last = latest_complete_checkpoint(self.checkpoint_dir)
+    def _diverged(self, what: str) -> TrainingDiverged:
+        try:
+            last = latest_complete_checkpoint(self.checkpoint_dir)
+        except CheckpointError:
+            last = None
         where = f"{last[1]} (step {last[0]})" if last else "none saved yet"
         return TrainingDiverged(
-            f"{self.phase}: loss is {loss} at step {step} (micro-batch {micro_index}); stopped before the optimizer "
-            f"update, no checkpoint written; the last good checkpoint is left intact: {where}"
+            f"{self.phase}: {what}, no checkpoint written; the last checkpoint (finite weights) is left intact: {where}"
+        )
+
+    def _check_weights(self, step: int) -> None:
+        """Raise `TrainingDiverged` if the update of `step` left a trained weight non-finite or past `WEIGHT_LIMIT`
+        on any rank. Each rank checks what it holds (its partition under ZeRO-3); one all-reduce, a sync point."""
+        device = self.engine.device
+        held = [
+            (name, getattr(parameter, "ds_tensor", parameter).detach())
+            for name, parameter in self.engine.module.named_parameters()
+            if parameter.requires_grad
+        ]
+        held = [(name, tensor) for name, tensor in held if tensor.numel()] or [("", torch.zeros(1))]
+        # NaN counts as infinitely large, so one MAX reduction finds NaN, inf and huge weights alike.
+        largest = torch.stack([tensor.abs().amax().float().to(device) for _, tensor in held]).nan_to_num(nan=torch.inf)
+        worst = largest.max()
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if worst <= WEIGHT_LIMIT:
+            return
+        index = int(largest.argmax())
+        where = f" in {held[index][0]}" if largest[index] == worst else ""  # a rank that holds the worst one
+        raise self._diverged(
+            f"weights diverged at step {step} (largest |w| {float(worst):.3g}{where}, over {WEIGHT_LIMIT:g})"
         )
 
     def train(self) -> dict[str, Any]:
@@ -560,7 +698,9 @@ class Trainer:
             # so every rank stops at the same micro-batch and none waits in a collective for the others.
             (global_loss,) = self._all_reduce_sum([loss.detach().float().item()])
             if not math.isfinite(global_loss):
-                raise self._diverged(step, micro_index, global_loss)
+                raise self._diverged(
+                    f"loss is {global_loss} at step {step} (micro-batch {micro_index}); stopped before the update"
+                )
             self.engine.backward(loss)
             if micro == self.gradient_accumulation_steps - 1:
                 grad_norm = self._unwrapped_grad_norm()
@@ -570,6 +710,7 @@ class Trainer:
             tokens += float(mask.sum().item()) if mask is not None else float(batch["input_ids"].numel())
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        self._check_weights(step)
         if grad_norm is None:
             reported = self.engine.get_global_grad_norm()
             grad_norm = None if reported is None else float(reported)

@@ -83,6 +83,7 @@ from distill.ranks import join_ranks, prepare_datasets
 from distill.recipe import DecoderConfig, Recipe, TrajectoriesConfig
 from eval.tasks import is_correct
 from teachers.interface import Teacher, load_teacher
+from teachers.manifest import check_manifest, sha256_of
 
 FORMAT_VERSION = 1
 SET_DIR, SHARDS_DIR = "trajectories", "trajectories-shards"
@@ -123,22 +124,14 @@ def trajectory_decoder(config: TrajectoriesConfig, gen_length: int, temperature:
     return DecoderConfig(name="threshold", confidence="neg_entropy", threshold=0.0, **common)
 
 
-def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def teacher_hash(teacher_dir: Path) -> str:
-    """sha256 of the checkpoint's safetensors files (names and bytes, in name order)."""
+    """sha256 of the checkpoint's safetensors files (names and bytes, in name order), once they are checked against
+    the folder's manifest (a folder fewstep wrote; ManifestError naming a corrupt file)."""
+    check_manifest(teacher_dir)
     files = sorted(Path(teacher_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{teacher_dir}: no *.safetensors weights to hash")
-    return _sha256(files)
+    return sha256_of(files, named=True)
 
 
 def tokenizer_hash(teacher_dir: Path) -> str:
@@ -146,7 +139,7 @@ def tokenizer_hash(teacher_dir: Path) -> str:
     files = [Path(teacher_dir) / name for name in TOKENIZER_FILES if (Path(teacher_dir) / name).is_file()]
     if not files:
         raise FileNotFoundError(f"{teacher_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    return _sha256(files)
+    return sha256_of(files, named=True)
 
 
 def data_hash(records: list[dict]) -> str:
@@ -302,7 +295,8 @@ def _save_dataset(dataset: Dataset, directory: Path, marker_name: str, marker: d
     with _quiet_datasets():
         # `datasets` writes no data file for an empty dataset at its default sharding and cannot load it back.
         dataset.save_to_disk(str(tmp), num_shards=1 if len(dataset) == 0 else None)
-    marker = {**marker, "files": {path.name: _sha256([path]) for path in sorted(tmp.glob("*.arrow"))}}
+    files = sorted(tmp.glob("*.arrow"))
+    marker = {**marker, "files": {path.name: sha256_of([path], named=True) for path in files}}
     (tmp / marker_name).write_text(json.dumps(marker, indent=2) + "\n")
     if directory.exists():
         shutil.rmtree(directory)
@@ -317,7 +311,7 @@ def _load_verified(directory: Path, marker: dict, what: str) -> Dataset:
     if present != sorted(recorded):
         raise ValueError(f"{what}: data files {present} in {directory} differ from those recorded {sorted(recorded)}")
     for name, digest in recorded.items():
-        if _sha256([directory / name]) != digest:
+        if sha256_of([directory / name], named=True) != digest:
             raise ValueError(f"{what}: {directory / name} is truncated or corrupt (its sha256 differs from the record)")
     try:
         dataset = load_from_disk(str(directory))

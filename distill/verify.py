@@ -3,7 +3,9 @@
 1. Files. `config.json` has an `auto_map` and the modules it names are in the folder; every weights file is
    present and whole: each shard the index lists (or `model.safetensors`), and the adapter's weights, must have
    a safetensors header that parses and be exactly as long as that header says (a cut-off copy is not); the
-   tokenizer and `generation_config.json` are there.
+   tokenizer and `generation_config.json` are there. Then every file against `MANIFEST.json`, which the export
+   wrote last (`teachers/manifest.py`): each one listed present with its size and sha256, and no other file but
+   `verify.json` (a folder without a manifest was not exported by this fewstep; see below).
 2. A fresh process. `python -I` (no PYTHONPATH, no user site, no working directory on the path) started in an empty
    directory, with an import hook that refuses fewstep's packages (`distill`, `teachers`, `students`, `eval`), so
    even an editable or regular install of fewstep cannot be imported; the child checks that it cannot. It loads
@@ -21,6 +23,11 @@
    sides run the same arithmetic: equal, token for token.
 
 The result is written to `verify.json` in the folder; a failed check raises `VerifyError` naming it.
+
+Step 2 runs the folder's own Python files. `distill verify` runs them only for what fewstep exported
+(`untrusted_code`: an `export.json` with fewstep's provenance, and every `.py` file byte for byte one of this
+fewstep's backbone files, so the code is fewstep's own); any other folder needs the user's `--trust-remote-code`
+(`RemoteCodeRefused` otherwise, before anything runs).
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ import torch
 from distill.decoding import decode
 from distill.files import write_json
 from distill.recipe import DecoderConfig
+from teachers import backbones as backbones_package
 from teachers.interface import load_teacher
+from teachers.manifest import ManifestError, check_manifest
 
 EXPORT_FILE = "export.json"
 VERIFY_FILE = "verify.json"
@@ -49,11 +58,16 @@ ADAPTER_DIR = "adapter"
 FP32_ATOL = 1e-5
 BF16_RTOL = 2e-2
 FEWSTEP_PACKAGES = ("distill", "teachers", "students", "eval")
+PROVENANCE_KEYS = ("format", "fewstep", "run_dir", "checkpoint", "teacher", "dtype", "decoder")  # export.json's
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class VerifyError(ValueError):
     """An export that fails verification; the message is one line naming the file or the check."""
+
+
+class RemoteCodeRefused(VerifyError):
+    """A folder whose code fewstep did not write, verified without the user's opt-in (`--trust-remote-code`)."""
 
 
 @dataclass
@@ -142,7 +156,43 @@ def check_files(folder: Path) -> dict[str, Any]:
         if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
             raise VerifyError(f"{folder / ADAPTER_DIR / 'adapter_config.json'}: missing")
         check_safetensors(folder / ADAPTER_DIR / "adapter_model.safetensors")
+    try:
+        # Every byte as exported; the structure checks above name a cut-off or missing weights file more plainly.
+        check_manifest(folder, strict=True, ignore={VERIFY_FILE})
+    except ManifestError as error:
+        raise VerifyError(str(error)) from None
     return {"weights": weights, "adapter": adapter}
+
+
+def untrusted_code(folder: Path) -> str | None:
+    """Why running `folder`'s code needs the user's opt-in (one line naming the file), or None for an export of
+    this fewstep: export.json holds fewstep's provenance, every `auto_map` entry names a module in the folder, and
+    each `.py` file in it equals the file of that name in fewstep's `teachers/backbones/`."""
+    provenance_file = folder / EXPORT_FILE
+    if not provenance_file.is_file():
+        return f"{provenance_file}: missing, so fewstep did not export {folder}"
+    try:
+        provenance = json.loads(provenance_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return f"{provenance_file}: not valid JSON, so not fewstep's provenance"
+    missing = [key for key in PROVENANCE_KEYS if not isinstance(provenance, dict) or key not in provenance]
+    if missing:
+        return f"{provenance_file}: not fewstep's provenance (no {', '.join(missing)})"
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # step 1 names the file
+        if "--" in json.dumps(auto_map):  # `repo--module.Class`: code fetched from another repository
+            return f"{folder / name}: its auto_map names code from another repository"
+    backbones = Path(backbones_package.__file__).parent
+    for path in sorted(folder.rglob("*.py")):
+        own = backbones / path.name
+        if not own.is_file():
+            return f"{path}: not one of fewstep's files (teachers/backbones/ has no {path.name})"
+        if own.read_bytes() != path.read_bytes():
+            return f"{path}: differs from fewstep's teachers/backbones/{path.name} (edited, or another fewstep version)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -356,13 +356,13 @@ def _save_atomically(dataset: DatasetDict, task_dir: Path, metadata: dict) -> No
         raise
 
 
-def build_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> dict[str, DatasetDict]:
-    """Generate (or reuse from disk) every task of `data_config` as a `DatasetDict` with `train` and `eval`.
+def read_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> dict[str, DatasetDict]:
+    """Every task of `data_config` as a `DatasetDict` with `train` and `eval`; writes nothing.
 
     Built-in tasks are generated with a seed mixed from `seed` and the task name; file sources are read with
-    `eval.userdata.load_file_source`. Each is saved to `out_dir/<task name>` (written to a temporary directory,
-    then renamed into place) with a `fewstep_data.json` fingerprint of its config, the seed and, for files, their
-    contents; a directory whose fingerprint matches is loaded instead of rebuilt.
+    `eval.userdata.load_file_source`. A task stored under `out_dir/<task name>` whose `fewstep_data.json`
+    fingerprint (its config, the seed and, for files, their contents) matches is loaded instead. Every source is
+    read before anything is written, so a bad file (ValueError naming it) leaves `out_dir` as it was.
     """
     # Imported here because userdata imports this module for the record schema and answer extraction.
     from eval.userdata import load_file_source
@@ -373,15 +373,27 @@ def build_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> di
         if source.name in (".", ".."):
             raise ValueError(f"task name '{source.name}' cannot be used as a directory name under {out_dir}")
         task_dir = out_dir / source.name
-        fingerprint = _fingerprint(source, seed)
-        if _stored_metadata(task_dir).get("fingerprint") == fingerprint:
+        if _stored_metadata(task_dir).get("fingerprint") == _fingerprint(source, seed):
             datasets[source.name] = load_from_disk(str(task_dir))
-            continue
-        if isinstance(source, FileSource):
-            dataset = load_file_source(source)
+        elif isinstance(source, FileSource):
+            datasets[source.name] = load_file_source(source)
         else:
             task_seed = _task_seed(seed, source.name)
-            dataset = DatasetDict({split: records_to_dataset(generate(source, split, task_seed)) for split in SPLITS})
+            splits = {split: records_to_dataset(generate(source, split, task_seed)) for split in SPLITS}
+            datasets[source.name] = DatasetDict(splits)
+    return datasets
+
+
+def write_task_datasets(datasets: dict[str, DatasetDict], data_config: DataConfig, seed: int, out_dir: Path) -> None:
+    """Save each task of `datasets` (from `read_task_datasets`) to `out_dir/<task name>`, written to a temporary
+    directory and renamed into place with its fingerprint; a directory whose fingerprint already matches is kept."""
+    out_dir = Path(out_dir)
+    for source in [*data_config.tasks, *data_config.files]:
+        task_dir = out_dir / source.name
+        fingerprint = _fingerprint(source, seed)
+        if _stored_metadata(task_dir).get("fingerprint") == fingerprint:
+            continue
+        dataset = datasets[source.name]
         metadata = {
             "fingerprint": fingerprint,
             "task": source.name,
@@ -390,7 +402,13 @@ def build_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> di
             "sizes": {split: len(dataset[split]) for split in SPLITS},
         }
         _save_atomically(dataset, task_dir, metadata)
-        datasets[source.name] = dataset
+
+
+def build_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> dict[str, DatasetDict]:
+    """`read_task_datasets`, then `write_task_datasets`: every task generated or read (or reused from disk) and
+    saved under `out_dir/<task name>`; nothing is written when a source cannot be read."""
+    datasets = read_task_datasets(data_config, seed, out_dir)
+    write_task_datasets(datasets, data_config, seed, out_dir)
     return datasets
 
 

@@ -10,9 +10,10 @@ JSON array of rows) or parquet (`.parquet`), with rows in one of two formats:
   response, or "" when there is none (such records train but can never be scored correct).
 
 `auto` picks `prompt_response` when a file's first row has `prompt` and `response`, else `gsm8k` when it has
-`question` and `answer`. Every problem (missing file or column, unreadable or corrupt file, unsupported
-extension, a gsm8k answer without `####`) raises ValueError with a one-line message naming the file and, where
-there is one, the 1-based line (JSON lines) or row (parquet).
+`question` and `answer`. Every problem (missing file or column, unreadable, corrupt, empty or blank file,
+unsupported extension, a gsm8k answer without `####`) raises ValueError with a one-line message naming the file
+and, where there is one, the 1-based line (JSON lines) or row (parquet). `record_location` finds the line of a
+record again, for errors found later (a character the tokenizer cannot encode, a prompt too long for the model).
 """
 
 from __future__ import annotations
@@ -50,10 +51,27 @@ def load_file_source(source: FileSource) -> DatasetDict:
     return DatasetDict(splits)
 
 
+def record_location(source: FileSource, record_id: str) -> str:
+    """Where the record `record_id` of `source` comes from: `<file>: line N` (or `row N`); the source's name when
+    no row gives that id."""
+    id_counts: Counter[str] = Counter()
+    for path in (source.train_path, source.eval_path):
+        if path is not None:
+            for where, record in _located_records(source, Path(path), id_counts):
+                if record["id"] == record_id:
+                    return f"{path}: {where}"
+    return f"data.files ({source.name})"
+
+
 def _records_from_file(source: FileSource, path: Path, id_counts: Counter[str]) -> list[dict]:
+    return [record for _, record in _located_records(source, path, id_counts)]
+
+
+def _located_records(source: FileSource, path: Path, id_counts: Counter[str]) -> list[tuple[str, dict]]:
     rows = _read_rows(path)
     if not rows:
-        return []
+        # An empty or blank file (a failed download, a redirect to the wrong file) is never meant as no data.
+        raise ValueError(f"{path}: no rows (the file is empty or blank)")
     data_format = source.format if source.format != "auto" else _detect_format(path, rows[0][1])
     records = []
     for where, row in rows:
@@ -62,7 +80,7 @@ def _records_from_file(source: FileSource, path: Path, id_counts: Counter[str]) 
         base_id = f"{source.name}-{digest[:12]}"
         id_counts[base_id] += 1
         record_id = base_id if id_counts[base_id] == 1 else f"{base_id}-{id_counts[base_id]}"
-        records.append(make_record(source.name, prompt, response, answer, record_id=record_id))
+        records.append((where, make_record(source.name, prompt, response, answer, record_id=record_id)))
     return records
 
 

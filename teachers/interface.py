@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoTokenizer,
     PretrainedConfig,
@@ -45,6 +46,7 @@ from teachers.backbones import (
     LLaDAModelLM,
 )
 from teachers.backbones.diffusion_generation import PrefixCache, aligned_logits, prefill
+from teachers.manifest import check_manifest, write_manifest
 from teachers.tokenizer import build_char_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -325,13 +327,21 @@ def load_tokenizer(path: Path, backbone: Backbone) -> PreTrainedTokenizerBase:
 def load_teacher(name: str | None, path: Path, dtype: str = "fp32") -> Teacher:
     """Load a checkpoint folder (published or fewstep-written) with fewstep's native class for its backbone.
 
-    `name` (the recipe's `teacher.name`) must agree with the folder's `model_type`; None takes the folder's.
+    `name` (the recipe's `teacher.name`) must agree with the folder's `model_type`; None takes the folder's. A
+    folder fewstep wrote is checked against its manifest first (`teachers.manifest.ManifestError`, a ValueError
+    naming the file); a published one has none. Weights that cannot be read raise a one-line ValueError.
     """
     path = Path(path)
+    check_manifest(path)
     backbone = backbone_of(path)
     if name is not None and name != backbone.name:
         raise ValueError(f"teacher.name: '{name}', but {path / 'config.json'} holds a {backbone.name} checkpoint")
-    model, info = backbone.model_class.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+    try:
+        model, info = backbone.model_class.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+    except (SafetensorError, OSError) as error:
+        # A cut-off or damaged published checkpoint (fewstep's own are caught by the manifest above).
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: its weights cannot be read ({detail})") from None
     wrong = {kind: names for kind, names in info.items() if kind in ("missing_keys", "unexpected_keys") and names}
     if wrong:
         kind, names = next(iter(wrong.items()))
@@ -365,7 +375,8 @@ def new_teacher(backbone: str, sizes: dict[str, Any], published_chat: bool = Fal
 
 
 def save_teacher(teacher: Teacher, out_dir: Path) -> None:
-    """Write model (safetensors, with its modeling files) + tokenizer to `out_dir` atomically."""
+    """Write model (safetensors, with its modeling files) + tokenizer to `out_dir` atomically, with the sha256
+    manifest `load_teacher` checks (`teachers/manifest.py`)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -374,6 +385,7 @@ def save_teacher(teacher: Teacher, out_dir: Path) -> None:
     teacher.tokenizer.save_pretrained(tmp)
     if teacher.image_processor is not None:
         teacher.image_processor.save_pretrained(tmp)
+    write_manifest(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -20,6 +20,10 @@ given a `StepState`. The loop (`generate`) owns everything else:
 - counting: NFE = forwards a sample took part in; generated tokens = response tokens before the first end token
   (pinned tokens excluded); TPF = generated / NFE;
 - `order[b, j]` is the step (0-based, per sample) that committed response position j, -1 if no forward did;
+- bounded: every step commits at least one masked position of every sample still decoding, with a token that is
+  not the mask, so a sample takes at most `gen_length` forwards; a NaN or infinite logit, a step that commits
+  nothing, or a sample past `gen_length` forwards raises `DecodingError` naming the step (a diverged model would
+  otherwise commit the mask token itself and never finish);
 - blocks: the canvas is split into `block_length` blocks; a sample's *current block* is its first block with a
   masked position, and `block_step` counts the forwards it has spent there;
 - the KV cache (`cache`): `prompt` encodes the prompt once (`prefill`) and then re-encodes only the response
@@ -53,6 +57,10 @@ from typing import Any
 import torch
 
 DECODER_NAMES = ("low_confidence", "confident", "threshold", "multi_block")
+
+
+class DecodingError(ValueError):
+    """A decode that cannot go on (non-finite logits, no progress); the message is one line naming the step."""
 
 
 @dataclass
@@ -473,8 +481,18 @@ def generate(
             # Cached positions are all committed, so no decoder reads their (zero) logits.
             logits = tail.new_zeros(len(rows), gen_length, tail.shape[-1])
             logits[:, start:] = tail
-        logits[..., mask_id] = -torch.inf  # the mask token is never an answer token
         forwards += 1
+        if forwards > gen_length:
+            # Cannot happen while every step commits (checked below); a guard against a loop that never ends.
+            raise DecodingError(f"decoding: step {forwards} exceeds gen_length {gen_length} forwards per sample")
+        # A NaN or inf logit makes its row's sum NaN or inf; the sum needs no [b, L, V] mask. A sync point, as the
+        # commit check below is.
+        if not torch.isfinite(logits.sum(-1, dtype=torch.float32)).all():
+            raise DecodingError(
+                f"decoding: the model's logits are NaN or infinite at step {forwards} (of at most {gen_length}); "
+                "its weights have probably diverged"
+            )
+        logits[..., mask_id] = -torch.inf  # the mask token is never an answer token
 
         # ---- the decoder chooses; the loop commits and counts -------------------------------------------------
         block = _current_block(masked, block_length)
@@ -487,9 +505,9 @@ def generate(
             generator=generator,
         )
         tokens, commit = decoder(state, settings)
-        commit &= masked
+        commit &= masked & (tokens != mask_id)
         if not commit.any(-1).all():
-            raise RuntimeError(f"decoder '{settings.decoder}' committed no token for some sample at a step")
+            raise DecodingError(f"decoding: decoder '{settings.decoder}' committed no token at step {forwards}")
         current = torch.where(commit, tokens, current)
         order[rows] = torch.where(commit, nfe[rows][:, None].expand_as(commit), order[rows])
         nfe[rows] += 1

@@ -25,6 +25,7 @@ from distill.distill import SDTT_ROUNDS_DIR, distill_student, prune_stale_rounds
 from distill.recipe import validate_tree
 from distill.trainer import checkpoint_tag, list_checkpoints
 from teachers.interface import load_teacher
+from teachers.manifest import write_manifest
 from tests.distill.distill_worker import COMBOS, RESUMABLE_STEPS, worker_command
 from tests.launch import REPO, child_env, run_launched
 
@@ -179,7 +180,8 @@ def test_stale_round_teachers_are_pruned_before_a_run(tmp_path):
         (rounds / f"round-{index:02d}" / "round.json").write_text(json.dumps({"first_step": 10 * index}))
     (rounds / "round-04").mkdir()  # an interrupted save
     (checkpoints / checkpoint_tag(20)).mkdir(parents=True)
-    (checkpoints / checkpoint_tag(20) / "COMPLETE").write_text("{}")
+    write_manifest(checkpoints / checkpoint_tag(20))  # an (empty) intact checkpoint of step 20
+    (checkpoints / checkpoint_tag(20) / "COMPLETE").write_text(json.dumps({"world_size": 1}))
     prune_stale_rounds(rounds, checkpoints, "auto")
     assert sorted(path.name for path in rounds.iterdir()) == ["round-01", "round-02"]
     prune_stale_rounds(rounds, checkpoints, "never")

@@ -22,9 +22,10 @@ from distill.consolidate import CheckpointError, consolidate, load_student
 from distill.export import export_run, verify_folder
 from distill.recipe import RecipeError, load_recipe
 from distill.trainer import checkpoint_tag
-from distill.verify import BF16_RTOL, FP32_ATOL, VerifyError
+from distill.verify import BF16_RTOL, FP32_ATOL, VERIFY_FILE, VerifyError
 from students.build import build_student
 from teachers.interface import load_teacher
+from teachers.manifest import write_manifest
 
 EXPORTED = ["zero2-full", "zero2-lora", "zero3-full", "zero3-lora"]
 STEP = checkpoint_tag(2)
@@ -153,9 +154,13 @@ def test_truncated_or_missing_checkpoint_files_are_refused(two_ranks, tmp_path):
     run = copy_run(two_ranks, "zero3-full", tmp_path)
     shard = run / "distill" / "checkpoints" / STEP / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=f"{shard}: truncated or not a PyTorch checkpoint file"):
+    # The checkpoint's manifest names the file; with no intact checkpoint left there is nothing to fall back to.
+    with pytest.raises(CheckpointError, match=f"{shard}: truncated or replaced .*; no intact checkpoint is left"):
         export_run(run, tmp_path / "out", verify=False)
     shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}: missing, .*MANIFEST.json lists it"):
+        export_run(run, tmp_path / "out", verify=False)
+    write_manifest(shard.parent, exclude={"COMPLETE"})  # a manifest without it: the ZeRO-3 layout still needs it
     with pytest.raises(CheckpointError, match=f"{shard}: missing, ZeRO-3 over 2 ranks needs it"):
         export_run(run, tmp_path / "out", verify=False)
     assert not (tmp_path / "out").exists()
@@ -211,12 +216,16 @@ def test_export_and_verify_commands_exit_codes(two_ranks, unverified, tmp_path, 
     assert main(["export", run, "--out", out, "--no-verify"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
-    # A copy of a good export verifies; made to import fewstep, the fresh process refuses it.
+    # A copy of a good export verifies. Made to import fewstep, its code is no longer fewstep's: it runs only with
+    # the user's opt-in (and a manifest rewritten for it), and then the fresh process refuses the import.
     assert main(["verify", out]) == 0
     assert "diffusion_generate == fewstep's decoder on 4 prompts" in capsys.readouterr().out
     modeling = Path(out) / "modeling_dream.py"
     modeling.write_text(modeling.read_text().replace("import torch\n", "import distill  # noqa\nimport torch\n", 1))
-    assert main(["verify", out]) == 1
+    assert main(["verify", out]) == 2
+    assert "modeling_dream.py: differs from fewstep's" in capsys.readouterr().err
+    write_manifest(Path(out), exclude={VERIFY_FILE})
+    assert main(["verify", out, "--trust-remote-code"]) == 1
     assert "distill is hidden: the export must load without fewstep" in capsys.readouterr().err
     assert main(["verify", str(tmp_path / "nowhere")]) == 1
 

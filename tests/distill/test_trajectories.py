@@ -25,7 +25,6 @@ from distill.trajectories import (
     MANIFEST_FILE,
     SET_DIR,
     SHARDS_DIR,
-    _sha256,
     expected_manifest,
     load_trajectories,
     shard_name,
@@ -34,6 +33,7 @@ from distill.trajectories import (
 )
 from eval.tasks import build_task_datasets, is_correct
 from teachers.interface import load_teacher, save_teacher
+from teachers.manifest import sha256_of, write_manifest
 from tests.builders import tiny_teacher
 from tests.launch import REPO, child_env, run_launched
 
@@ -149,10 +149,11 @@ def test_cli_errors_are_one_line(tmp_path, teacher_dir, capsys):
     path = recipe_file(tmp_path, teacher_dir, train_size=4)
     assert main(["trajectories", str(path), "trajectories.block_length=7"]) == 2
     assert "trajectories.block_length: 7 does not divide the 24-token canvas" in capsys.readouterr().err
-    # A reference answer longer than the canvas names its record.
-    assert main(["trajectories", str(path), "data.max_response_tokens=8", "trajectories.block_length=8"]) == 1
+    # A reference answer longer than the canvas names its record, before anything is written.
+    assert main(["trajectories", str(path), "data.max_response_tokens=8", "trajectories.block_length=8"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "record addition-" in error and "needs 17 response tokens" in error
+    assert "\n" not in error and "record addition-" in error and "response needs 17 tokens" in error
+    assert not (tmp_path / "run").exists()
     with pytest.raises(Exception, match="trajectories.block_length: 32 does not divide"):
         load_recipe(path, ["~trajectories.block_length"])
 
@@ -186,6 +187,7 @@ def test_wrong_tokenizer_is_refused(tmp_path, teacher_dir):
     shutil.copytree(teacher_dir, other)
     template = other / "chat_template.jinja"
     template.write_text(template.read_text().replace("<|assistant|>", "<|assistant|>\n"))
+    write_manifest(other)  # a folder written so, not one changed behind its manifest's back
     expected = expected_manifest(recipe, other, records_of(recipe))
     with pytest.raises(ValueError, match=r"made with a different tokenizer\): tokenizer_hash"):
         load_trajectories(Path(recipe.run.output_dir) / SET_DIR, **expected)
@@ -201,7 +203,7 @@ def test_truncated_files_are_detected_and_shards_decoded_again(tmp_path, teacher
         load_trajectories(out / SET_DIR)
     # A manifest that agrees with the cut file still cannot make it load: the Arrow error is reported clearly.
     manifest = json.loads((out / SET_DIR / MANIFEST_FILE).read_text())
-    manifest["files"] = {data_file.name: _sha256([data_file])}
+    manifest["files"] = {data_file.name: sha256_of([data_file], named=True)}
     (out / SET_DIR / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"cannot read .*: Expected to be able to read"):
         load_trajectories(out / SET_DIR)

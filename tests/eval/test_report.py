@@ -371,8 +371,10 @@ def test_eval_writes_the_report_and_run_writes_the_same_one(tmp_path, tiny_check
 
 def test_eval_names_missing_checkpoints(tmp_path, capsys):
     recipe = eval_recipe(tmp_path, tmp_path / "nowhere")
-    assert main(["eval", recipe]) == 1
-    assert "no checkpoint for teacher" in capsys.readouterr().err
+    code = main(["eval", recipe])
+    err = capsys.readouterr().err
+    assert code == 2, err  # refused before any work
+    assert "eval.checkpoints.0.path:" in err and "nowhere/teacher is not a model checkpoint" in err
 
 
 @pytest.mark.parametrize("verb", [["report"], ["bench"], ["bench", "decode"]])
