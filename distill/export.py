@@ -31,7 +31,7 @@ load without fewstep; a checkpoint gone when an export is verified later), `Veri
 Nothing is left half-written: the folder
 is built in a hidden directory beside `out` and only renamed to `out` once written and verified; an existing
 `out` is replaced only with `overwrite`, and removed only after the new folder is in place. An export that fails
-or is interrupted (Ctrl-C, or SIGTERM, which raises `Interrupted` while the folder is built) removes that hidden
+or is interrupted (Ctrl-C or SIGTERM, each raising `Interrupted` while the folder is built) removes that hidden
 directory on the way out.
 
 A run is never replaced by its export: `OutputRefused` (`distill export` exits 2, before anything is written)
@@ -103,7 +103,7 @@ class OutputRefused(ExportError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM during an export, raised (as Ctrl-C raises KeyboardInterrupt) so its staging folder is removed."""
+    """SIGTERM or SIGINT during an export, raised as KeyboardInterrupt so its staging folder is removed."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -346,21 +346,28 @@ def check_out(run_dir: Path, out: Path) -> None:
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block SIGTERM raises `Interrupted` (once; a second one is ignored while cleanup runs)."""
+def signals_raise() -> Iterator[None]:
+    """Within the block SIGTERM and SIGINT raise `Interrupted` (once; more are ignored while cleanup runs).
+
+    SIGINT is handled here too, rather than left to Python's KeyboardInterrupt: a process started with SIGINT
+    ignored (a background job of a non-interactive shell) would otherwise finish an export it was told to stop.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers can only be set from the main thread; a thread's caller owns its cleanup
         return
+    handled = (signal.SIGTERM, signal.SIGINT)
 
     def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for number in handled:
+            signal.signal(number, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _move_into_place(folder: Path, out: Path, overwrite: bool) -> None:
@@ -457,7 +464,7 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     # The folder is built under its final name inside a hidden directory beside `out` (same file system, so the
     # final rename is atomic; same name, so remote code caches it under the name it will keep).
-    with sigterm_raises():
+    with signals_raise():
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
             folder = staging / out.name
