@@ -598,6 +598,44 @@ class WordProblemsTask(Section):
         return self
 
 
+class ChainArithmeticTask(Section):
+    """Chain-of-thought word problems (GSM8K format) whose responses are long chains of dependent steps.
+
+    Prompt `Ann has 23 apples. She buys 4 bags of 12 apples. She gives away 31. She finds 18 more. How many apples
+    does she have?`, response `4 * 12 = 48, 23 + 48 = 71, 71 - 31 = 40, 40 + 18 = 58 #### 58`: one `a op b = c`
+    equation per operation, in the question's order, every operand copied from the question or an earlier result
+    (the running count or a bag product). Each result feeds a later equation, so a decoder that commits a result
+    before its operands (many tokens per forward) guesses it: the task on which parallel decoding costs accuracy.
+
+    - `min_steps` / `max_steps`: operations (equations) per problem, drawn uniformly in between. A "buys K bags of
+      M" sentence is two operations (`K * M = P`, then adding P); the others (buys/finds/gets N more, gives
+      away/loses/sells N) are one.
+    - `min_value` / `max_value`: the start count, every added or removed amount, every bag size M, every product
+      and every running count lie in min_value..max_value; bag counts K are 2..9. max_value must be at least
+      3 * min_value, so that from any count an addition or a subtraction of at least min_value stays in range.
+
+    At the defaults (4 operations, 10..99) every number but K has two digits, so every step is 11 or 12
+    characters and a response is 60 to 62 characters, 52 to 54 of them before `####` (response + EOS fits a
+    64-token canvas under the character tokenizer).
+    """
+
+    name: Literal["chain_arithmetic"]
+    train_size: NonNegativeInt = 20000
+    eval_size: NonNegativeInt = 200
+    min_steps: PositiveInt = 4
+    max_steps: PositiveInt = 4
+    min_value: PositiveInt = 10
+    max_value: PositiveInt = 99
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> ChainArithmeticTask:
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must not exceed max_steps")
+        if self.max_value < 3 * self.min_value:
+            raise ValueError(f"max_value must be at least 3 * min_value ({3 * self.min_value})")
+        return self
+
+
 class SortingTask(Section):
     """Sort a list of small integers ascending."""
 
@@ -639,15 +677,17 @@ class FileSource(Section):
         return value
 
 
-BUILTIN_TASKS = ("addition", "addends", "word_problems", "sorting")
-TaskSource = Annotated[AdditionTask | AddendsTask | WordProblemsTask | SortingTask, Field(discriminator="name")]
+BUILTIN_TASKS = ("addition", "addends", "word_problems", "chain_arithmetic", "sorting")
+TaskSource = Annotated[
+    AdditionTask | AddendsTask | WordProblemsTask | ChainArithmeticTask | SortingTask, Field(discriminator="name")
+]
 
 
 class DataConfig(Section):
     """Training and evaluation data.
 
-    - `tasks`: built-in generated tasks (`addition`, `addends`, `word_problems`, `sorting`), each with its
-      sizes and knobs.
+    - `tasks`: built-in generated tasks (`addition`, `addends`, `word_problems`, `chain_arithmetic`, `sorting`),
+      each with its sizes and knobs.
     - `files`: user data sources (JSONL/parquet).
     - `max_response_tokens`: the response canvas: responses are padded to at most this many tokens in training
       and decoders generate this many by default; a longer reference response is an error.

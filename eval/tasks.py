@@ -5,7 +5,8 @@ Every record is a dict with exactly the keys of `COLUMNS`: `id` (`<task>-<sha1(p
 produce, always ending in `#### <answer>`) and `answer` (the final answer string that scoring compares).
 
 Response formats are deliberately short, because a tiny character-level model trains on them on CPU (with the
-default task configs every response is at most 31 characters, so response + EOS fits a 32-token canvas):
+default task configs every response but `chain_arithmetic`'s is at most 31 characters, so response + EOS fits a
+32-token canvas):
 
 - `addition`: prompt `347+285=`, response `C:0110 #### 0632`, answer `632`. Everything is fixed-width so that
   every column sits at a fixed offset (a tiny model then learns the digit alignment quickly instead of having to
@@ -27,6 +28,12 @@ default task configs every response is at most 31 characters, so response + EOS 
   1..max_value and the count stays within 0..max_value throughout; each add/subtract amount is at most
   max(1, (max_value - 1) // 2) (so 9 for the default 20: one digit, which is what keeps three steps inside 31
   characters); "doubles them" / "triples them" multiply by 2 / 3.
+- `chain_arithmetic`: prompt `Ann has 23 apples. She buys 4 bags of 12 apples. She gives away 31. She finds 18 more.
+  How many apples does she have?`, response `4 * 12 = 48, 23 + 48 = 71, 71 - 31 = 40, 40 + 18 = 58 #### 58`: the long
+  variant (responses of 60-62 characters at the defaults, so it needs a 64-token canvas), one spaced `a op b = c`
+  equation per operation joined by `, `, each operand copied from the question or an earlier result. Amounts,
+  bag sizes, products and counts stay in min_value..max_value (default 10..99: two digits each); bag counts are
+  2..9.
 - `sorting`: prompt `sort 5 3 9 1`, response `#### 1 3 5 9`, answer `1 3 5 9` (ascending, duplicates kept).
 
 Train and eval are disjoint by prompt: a prompt belongs to eval iff `int(sha1(prompt), 16) % 10 == 0`, so a split
@@ -56,9 +63,17 @@ from datasets import (
     load_from_disk,
 )
 
-from distill.recipe import AddendsTask, AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
+from distill.recipe import (
+    AddendsTask,
+    AdditionTask,
+    ChainArithmeticTask,
+    DataConfig,
+    FileSource,
+    SortingTask,
+    WordProblemsTask,
+)
 
-TaskConfig = AdditionTask | AddendsTask | WordProblemsTask | SortingTask
+TaskConfig = AdditionTask | AddendsTask | WordProblemsTask | ChainArithmeticTask | SortingTask
 
 COLUMNS = ("id", "task", "prompt", "response", "answer")
 FEATURES = Features({column: Value("string") for column in COLUMNS})
@@ -247,6 +262,43 @@ def _draw_word_problem(config: WordProblemsTask, rng: random.Random) -> tuple[st
     return " ".join(sentences), f"{' '.join(equations)} {ANSWER_MARKER} {answer}", answer
 
 
+def _draw_chain_arithmetic(config: ChainArithmeticTask, rng: random.Random) -> tuple[str, str, str]:
+    name, pronoun = rng.choice(_PEOPLE)
+    _, plural = rng.choice(_OBJECTS)
+    low, high = config.min_value, config.max_value
+    total = rng.randint(low, high)
+    sentences = [f"{name} has {total} {plural}."]
+    equations = []
+    operations_left = rng.randint(config.min_steps, config.max_steps)
+    while operations_left > 0:
+        # Only operations that keep every number within low..high are offered; since high >= 3 * low (the schema
+        # checks it), an addition or a subtraction of at least low always fits.
+        operations = (["add"] if total + low <= high else []) + (["subtract"] if total - low >= low else [])
+        if operations_left >= 2 and total + 2 * low <= high:
+            operations.append("bags")
+        operation = rng.choice(operations)
+        if operation == "add":
+            amount = rng.randint(low, high - total)
+            sentences.append(f"{pronoun} {rng.choice(_ADD_PHRASES).format(amount)}.")
+            equations.append(f"{total} + {amount} = {total + amount}")
+            total, operations_left = total + amount, operations_left - 1
+        elif operation == "subtract":
+            amount = rng.randint(low, total - low)
+            sentences.append(f"{pronoun} {rng.choice(_SUBTRACT_PHRASES).format(amount)}.")
+            equations.append(f"{total} - {amount} = {total - amount}")
+            total, operations_left = total - amount, operations_left - 1
+        else:
+            # Bag counts are single digits; the bag size and the product obey the same bounds as every amount.
+            bags = rng.randint(2, min(9, (high - total) // low))
+            size = rng.randint(low, (high - total) // bags)
+            sentences.append(f"{pronoun} buys {bags} bags of {size} {plural}.")
+            equations += [f"{bags} * {size} = {bags * size}", f"{total} + {bags * size} = {total + bags * size}"]
+            total, operations_left = total + bags * size, operations_left - 2
+    sentences.append(f"How many {plural} does {pronoun.lower()} have?")
+    answer = str(total)
+    return " ".join(sentences), f"{', '.join(equations)} {ANSWER_MARKER} {answer}", answer
+
+
 def _draw_sorting(config: SortingTask, rng: random.Random) -> tuple[str, str, str]:
     values = [rng.randint(0, config.max_value) for _ in range(rng.randint(config.min_length, config.max_length))]
     answer = " ".join(str(value) for value in sorted(values))
@@ -257,6 +309,7 @@ _GENERATORS: dict[str, Callable[..., tuple[str, str, str]]] = {
     "addition": _draw_addition,
     "addends": _draw_addends,
     "word_problems": _draw_word_problem,
+    "chain_arithmetic": _draw_chain_arithmetic,
     "sorting": _draw_sorting,
 }
 

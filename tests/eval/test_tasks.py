@@ -6,7 +6,15 @@ import re
 
 import pytest
 
-from distill.recipe import AddendsTask, AdditionTask, DataConfig, FileSource, SortingTask, WordProblemsTask
+from distill.recipe import (
+    AddendsTask,
+    AdditionTask,
+    ChainArithmeticTask,
+    DataConfig,
+    FileSource,
+    SortingTask,
+    WordProblemsTask,
+)
 from eval import tasks
 from eval.tasks import (
     COLUMNS,
@@ -174,6 +182,7 @@ def test_default_configs_fit_a_32_token_canvas() -> None:
     [
         AdditionTask(name="addition", train_size=300, eval_size=60, max_digits=2),
         WordProblemsTask(name="word_problems", train_size=300, eval_size=60),
+        ChainArithmeticTask(name="chain_arithmetic", train_size=300, eval_size=60),
         SortingTask(name="sorting", train_size=300, eval_size=60),
     ],
     ids=lambda config: config.name,
@@ -408,3 +417,122 @@ def test_addends_digit_range_is_validated():
         AddendsTask(name="addends", min_digits=4, max_digits=2)
     with pytest.raises(ValueError):
         AddendsTask(name="addends", even_split=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chain_arithmetic: long chains of dependent steps
+
+
+def _replay_chain(prompt: str) -> tuple[list[str], int, list[int]]:
+    # The equations the prompt implies, its final count, and every number written in it (in order).
+    sentences = re.findall(r"[^.?]+[.?]", prompt)
+    _, total, noun = re.fullmatch(r"([A-Z][a-z]+) has (\d+) ([a-z]+s)\.", sentences[0]).groups()
+    total = int(total)
+    pronouns = set()
+    equations = []
+    for sentence in sentences[1:-1]:
+        pronoun, action = re.fullmatch(r" (She|He) (.+)\.", sentence).groups()
+        pronouns.add(pronoun)
+        if match := re.fullmatch(r"(?:buys|finds|gets) (\d+) more", action):
+            amount = int(match.group(1))
+            equations.append(f"{total} + {amount} = {total + amount}")
+            total += amount
+        elif match := re.fullmatch(r"(?:gives away|loses|sells) (\d+)", action):
+            amount = int(match.group(1))
+            equations.append(f"{total} - {amount} = {total - amount}")
+            total -= amount
+        else:
+            bags, size = (int(value) for value in re.fullmatch(rf"buys (\d) bags of (\d+) {noun}", action).groups())
+            equations += [f"{bags} * {size} = {bags * size}", f"{total} + {bags * size} = {total + bags * size}"]
+            total += bags * size
+    assert len(pronouns) == 1 and sentences[-1] == f" How many {noun} does {pronouns.pop().lower()} have?"
+    return equations, total, [int(value) for value in re.findall(r"\d+", prompt)]
+
+
+def test_chain_arithmetic_format_on_a_hand_example() -> None:
+    prompt = (
+        "Ann has 23 apples. She buys 4 bags of 12 apples. She gives away 31. She finds 18 more. "
+        "How many apples does she have?"
+    )
+    equations, total, _ = _replay_chain(prompt)
+    assert f"{', '.join(equations)} #### {total}" == "4 * 12 = 48, 23 + 48 = 71, 71 - 31 = 40, 40 + 18 = 58 #### 58"
+    record = generate(ChainArithmeticTask(name="chain_arithmetic", train_size=5, eval_size=0), "train", seed=3)[0]
+    assert re.fullmatch(r"[A-Z][a-z]+ has \d+ [a-z]+\. .+ How many [a-z]+ does (she|he) have\?", record["prompt"])
+    assert re.fullmatch(r"\d+ [-+*] \d+ = \d+(, \d+ [-+*] \d+ = \d+)* #### \d+", record["response"])
+
+
+def _check_chain(record: dict, config: ChainArithmeticTask) -> tuple[int, set[str]]:
+    """Re-derive a record from its prompt and check every step; returns its step count and operators."""
+    _check_common(record, "chain_arithmetic")
+    equations, total, quantities = _replay_chain(record["prompt"])
+    assert record["response"] == f"{', '.join(equations)} #### {total}" and record["answer"] == str(total)
+    assert all(2 <= value <= 9 or config.min_value <= value <= config.max_value for value in quantities)
+    results: list[int] = []
+    operators = set()
+    for equation in equations:
+        a, operator, b, c = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", equation).groups()
+        a, b, c = int(a), int(b), int(c)
+        operators.add(operator)
+        assert c == {"+": a + b, "-": a - b, "*": a * b}[operator]
+        assert config.min_value <= c <= config.max_value
+        # The first step copies both numbers from the question; later ones copy them or reuse an earlier result.
+        assert all(value in quantities or value in results for value in (a, b))
+        if not results:
+            assert a in quantities and b in quantities
+        results.append(c)
+    assert results[-1] == total
+    assert config.min_steps <= len(equations) <= config.max_steps
+    return len(equations), operators
+
+
+def test_chain_arithmetic_records_are_correct_and_long() -> None:
+    config = ChainArithmeticTask(name="chain_arithmetic", train_size=SAMPLES, eval_size=40)
+    records = generate(config, "train", seed=2) + generate(config, "eval", seed=2)
+    operators = set()
+    for record in records:
+        operators |= _check_chain(record, config)[1]
+        # At least 48 tokens (characters) of intermediate steps, and response + EOS within a 64-token canvas.
+        assert len(record["response"].partition(" #### ")[0]) >= 48 and len(record["response"]) <= 63
+    assert operators == {"+", "-", "*"}
+
+
+def test_chain_arithmetic_knobs_bound_steps_and_values() -> None:
+    # The tightest ranges the schema allows (max_value = 3 * min_value) still fill every chain, 2 to 6 steps long.
+    config = ChainArithmeticTask(
+        name="chain_arithmetic", train_size=300, eval_size=0, min_steps=2, max_steps=6, min_value=4, max_value=12
+    )
+    step_counts = {_check_chain(record, config)[0] for record in generate(config, "train", seed=5)}
+    assert step_counts == {2, 3, 4, 5, 6}
+
+
+def test_chain_arithmetic_is_scored_by_its_answer() -> None:
+    record = generate(ChainArithmeticTask(name="chain_arithmetic", train_size=1, eval_size=0), "train", seed=0)[0]
+    steps = record["response"].partition(" #### ")[0]
+    assert is_correct(record["response"], record["answer"], "chain_arithmetic")
+    assert is_correct(f"wrong steps #### {record['answer']}", record["answer"], "chain_arithmetic")
+    assert not is_correct(f"{steps} #### {int(record['answer']) + 1}", record["answer"], "chain_arithmetic")
+    assert not is_correct(steps, record["answer"], "chain_arithmetic")
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"min_steps": 5, "max_steps": 4}, "min_steps must not exceed max_steps"),
+        ({"min_value": 10, "max_value": 29}, r"max_value must be at least 3 \* min_value \(30\)"),
+        ({"min_steps": 0}, "greater than 0"),
+        ({"min_value": 0}, "greater than 0"),
+        ({"train_size": -1}, "greater than or equal to 0"),
+        ({"max_step": 4}, "Extra inputs are not permitted"),
+    ],
+)
+def test_chain_arithmetic_bad_knobs_are_rejected(knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ChainArithmeticTask(name="chain_arithmetic", **knobs)
+    with pytest.raises(ValueError, match=message):
+        DataConfig(tasks=[{"name": "chain_arithmetic", **knobs}])
+
+
+def test_chain_arithmetic_is_a_builtin_task_name() -> None:
+    assert isinstance(DataConfig(tasks=[{"name": "chain_arithmetic"}]).tasks[0], ChainArithmeticTask)
+    with pytest.raises(ValueError, match="built-in task name"):
+        FileSource(name="chain_arithmetic")
