@@ -237,12 +237,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recipe = _load(args)
     _check_tasks(recipe, args.task or [])
     from distill.run import check_before_work, eval_rows, evaluate_rows, held_run_directory
-    from eval.tasks import build_task_datasets
+    from eval.tasks import write_task_datasets
 
     out_dir = Path(recipe.run.output_dir)
     if args.task:
         recipe.eval.tasks = args.task
-    check_before_work(recipe, [] if args.checkpoint is not None else ["eval"])
+    datasets = check_before_work(recipe, [] if args.checkpoint is not None else ["eval"])
     if args.checkpoint is not None:
         if not (args.checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"--checkpoint: {args.checkpoint} is not a model directory (no config.json)")
@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rows = eval_rows(recipe, {})
     with held_run_directory(out_dir):
-        datasets = build_task_datasets(recipe.data, recipe.run.seed, out_dir / "data")
+        write_task_datasets(datasets, recipe.data, recipe.run.seed, out_dir / "data")
         evaluate_rows(recipe, datasets, rows, out_dir / "eval")
     return 0
 

@@ -533,28 +533,19 @@ def _check_pretraining_resumable(recipe: Recipe, train_records: list[dict]) -> N
     if _pretrained_dirs(out_dir, key) or (cache is not None and _pretrained_dirs(cache, key)):
         return
     spec = recipe.teacher.pretrain
-    phases = {phase: config for phase, config in (("ar", spec.ar), ("diffusion", spec.diffusion))}
-    for phase, config in phases.items():
+    for phase, config in (("ar", spec.ar), ("diffusion", spec.diffusion)):
         checkpoint_dir = out_dir / f"pretrain-{phase}" / "checkpoints"
         if config.max_steps == 0 or config.resume == "never" or not checkpoint_dir.is_dir():
             continue
         from distill.pretrain import pretrain_fingerprint  # imports DeepSpeed; only when there are checkpoints
-        from distill.trainer import COMPLETE_MARKER, list_checkpoints, run_fingerprint
+        from distill.trainer import foreign_checkpoints, list_checkpoints, read_marker, run_fingerprint
 
         complete = [path for _, path, done in list_checkpoints(checkpoint_dir) if done]
-        try:
-            written_by = (
-                json.loads((complete[-1] / COMPLETE_MARKER).read_text()).get("fingerprint") if complete else None
-            )
-        except (OSError, ValueError, AttributeError):
-            continue  # a damaged marker: the trainer reports it
+        # A damaged marker reads as none: the trainer reports it.
+        written_by = read_marker(complete[-1]).get("fingerprint") if complete else None
         fingerprint = run_fingerprint(config, phase, pretrain_fingerprint(recipe))
         if written_by is not None and written_by != fingerprint:
-            raise ValueError(
-                f"{phase}: the checkpoints in {checkpoint_dir} were written by a different configuration "
-                f"(fingerprint {written_by}, this run {fingerprint}); resume them with the recipe that wrote them, "
-                "or set resume: never, or use another run.output_dir"
-            )
+            raise foreign_checkpoints(phase, checkpoint_dir, written_by, fingerprint)
 
 
 @contextmanager

@@ -263,7 +263,8 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path, bool]]:
     return sorted(found)
 
 
-def _read_marker(path: Path) -> dict[str, Any]:
+def read_marker(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of the checkpoint `path`; {} when it is missing or unreadable."""
     try:
         marker = json.loads((path / COMPLETE_MARKER).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -271,10 +272,20 @@ def _read_marker(path: Path) -> dict[str, Any]:
     return marker if isinstance(marker, dict) else {}
 
 
+def foreign_checkpoints(phase: str, checkpoint_dir: Path, written_by: str | None, fingerprint: str) -> ValueError:
+    """The refusal to resume checkpoints written by another configuration (raised by the trainer, and by the run's
+    checks before work)."""
+    return ValueError(
+        f"{phase}: the checkpoints in {checkpoint_dir} were written by a different configuration "
+        f"(fingerprint {written_by}, this run {fingerprint}); resume them with the recipe that wrote them, or set "
+        "resume: never, or use another run.output_dir"
+    )
+
+
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """The COMPLETE marker of the checkpoint `path` once its files match its manifest: exactly the files listed,
     each of the recorded size and sha256. CheckpointError names the first file that does not."""
-    marker = _read_marker(path)
+    marker = read_marker(path)
     if not isinstance(marker.get("world_size"), int):
         raise CheckpointError(f"{path / COMPLETE_MARKER}: not a fewstep checkpoint marker (no world_size)")
     try:
@@ -500,7 +511,7 @@ class Trainer:
                     found = latest_complete_checkpoint(self.checkpoint_dir)
                 except CheckpointError as error:
                     damaged = str(error)
-                written_by = _read_marker(found[1]).get("fingerprint") if found else None
+                written_by = read_marker(found[1]).get("fingerprint") if found else None
             # Every rank must load the same step (or stop together); rank 0's view of the directory decides.
             choice = [found[0] if found else None, written_by, damaged]
             dist.broadcast_object_list(choice, src=0)
@@ -508,11 +519,7 @@ class Trainer:
             if damaged is not None:
                 raise CheckpointError(damaged)
             if step is not None and written_by != self.fingerprint:
-                raise ValueError(
-                    f"{self.phase}: the checkpoints in {self.checkpoint_dir} were written by a different configuration "
-                    f"(fingerprint {written_by}, this run {self.fingerprint}); resume them with the recipe that wrote "
-                    "them, or set resume: never, or use another run.output_dir"
-                )
+                raise foreign_checkpoints(self.phase, self.checkpoint_dir, written_by, self.fingerprint)
         if step is not None:
             self._load_checkpoint(step)
         else:
