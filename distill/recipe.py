@@ -867,6 +867,12 @@ PROBABILITY_LADDER = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0
 ENTROPY_LADDER = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0)
 
 
+def knob_speed(decoder: str, knob: float) -> float:
+    """A value that grows as a decoder's knob commits more per forward: lower steps or confidence bound γ, a higher
+    entropy bound (`multi_block`)."""
+    return knob if decoder == "multi_block" else -knob
+
+
 class EvalDecoderConfig(DecoderConfig):
     """A decoder of the evaluation report, plus the sweep of its knob (all `DecoderConfig` fields apply).
 
@@ -946,9 +952,8 @@ class EvalDecoderConfig(DecoderConfig):
         return self.ladder(gen_length)[0]
 
     def faster_or_equal(self, knob: float, other: float) -> bool:
-        """Whether knob value `knob` commits at least as much per forward as `other` (lower steps or γ, higher
-        entropy bound)."""
-        return knob >= other if self.name == "multi_block" else knob <= other
+        """Whether knob value `knob` commits at least as much per forward as `other`."""
+        return knob_speed(self.name, knob) >= knob_speed(self.name, other)
 
     def settings(self, gen_length: int | None = None) -> list[tuple[float | int | None, DecoderConfig]]:
         """`(knob value, decoder settings)` for each point of the sweep, in the order evaluated: the pinned values,

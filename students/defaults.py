@@ -9,16 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from distill.decoding import decode_settings
-from distill.recipe import DecoderConfig, Recipe
+from distill.recipe import DecoderConfig, Recipe, knob_speed
 from teachers.interface import Teacher
-
-
-def _conservative_first(decoder: str, knob_name: str):
-    # Among equally good points prefer the one that commits less per forward: more steps, a higher confidence
-    # bound, a lower entropy bound.
-    if knob_name == "steps" or decoder in ("confident", "threshold"):
-        return lambda knob: -knob
-    return lambda knob: knob
 
 
 def recommended_decoder(recipe: Recipe, report: dict | None) -> tuple[DecoderConfig, str]:
@@ -50,8 +42,10 @@ def recommended_decoder(recipe: Recipe, report: dict | None) -> tuple[DecoderCon
         }
         best_accuracy = max(accuracy for accuracy, _ in mean.values())
         near_best = [knob for knob, (accuracy, _) in mean.items() if accuracy >= best_accuracy - 1.0]
-        order = _conservative_first(chosen[0]["decoder_name"], chosen[0]["knob_name"])
-        knob = max(sorted(near_best, key=order), key=lambda value: mean[value][1])
+        # Among equally fast points prefer the one that commits less per forward (sorted slowest first).
+        decoder_name = chosen[0]["decoder_name"]
+        slowest_first = sorted(near_best, key=lambda value: knob_speed(decoder_name, value))
+        knob = max(slowest_first, key=lambda value: mean[value][1])
         settings = dict(chosen[0]["settings"]) | {chosen[0]["knob_name"]: knob}
         accuracy, tpf = mean[knob]
         mean_aup = sum(row["aup"] for row in chosen) / len(chosen)
