@@ -109,9 +109,9 @@ def decode(
 ) -> DecodeResult:
     """Decode a batch of prompt id lists with the decoder named in `config`.
 
-    `image_inputs` (Dimple's `pixel_values`, `image_grid_thw`) belong to the prompt: every full forward and the
-    prefill take them, a forward on top of the prompt's cache does not. They are decoded one prompt at a time:
-    a batch drops samples as they finish, and the rows of concatenated image patches are not split per sample yet.
+    `image_inputs` (Dimple's `pixel_values`, `image_grid_thw`) go to the prompt's forwards (`generate`). They are
+    decoded one prompt at a time: a batch drops samples as they finish, and the rows of concatenated image patches
+    are not split per sample yet.
     """
     if image_inputs and len(prompts) != 1:
         raise ValueError(f"decode: image inputs are decoded one prompt at a time, got {len(prompts)} prompts")
@@ -120,21 +120,19 @@ def decode(
     device = teacher.device
     image_inputs = {name: value.to(device) for name, value in image_inputs.items()}
 
-    def forward(ids, mask, start, cache):
-        return teacher.forward(ids, mask, cache=cache, start=start, **({} if cache is not None else image_inputs))
-
-    def prefill_prompt(ids, mask):
-        return teacher.prefill(ids, mask, **image_inputs)
+    def forward(ids, mask, start, cache, **inputs):
+        return teacher.forward(ids, mask, cache=cache, start=start, **inputs)
 
     out = generate(
         forward,
-        prefill_prompt,
+        teacher.prefill,
         prompt_ids.to(device),
         prompt_mask.to(device),
         settings,
         teacher.mask_token_id,
         teacher.end_token_id,
         generator,
+        prompt_inputs=image_inputs,
     )
     return DecodeResult(
         tokens=out.tokens.cpu(), order=out.order.cpu(), nfe=out.nfe.cpu(), generated=out.generated.cpu()

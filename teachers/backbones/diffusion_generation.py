@@ -420,7 +420,8 @@ class Decoded:
     generated: torch.Tensor  # [B] response tokens before the first end token, pinned tokens excluded
 
 
-# forward(ids, mask, start, cache) -> aligned logits [b, T - start, V]; prefill(ids, mask) -> PrefixCache
+# forward(ids, mask, start, cache, **prompt_inputs) -> aligned logits [b, T - start, V];
+# prefill(ids, mask, **prompt_inputs) -> PrefixCache
 Forward = Callable[[torch.Tensor, torch.Tensor, int, PrefixCache | None], torch.Tensor]
 Prefill = Callable[[torch.Tensor, torch.Tensor], PrefixCache]
 
@@ -435,8 +436,14 @@ def generate(
     mask_id: int,
     end_id: int,
     generator: torch.Generator | None = None,
+    prompt_inputs: dict[str, torch.Tensor] | None = None,
 ) -> Decoded:
-    """Decode a response after each left-padded prompt `[B, P]` with the decoder `settings` names."""
+    """Decode a response after each left-padded prompt `[B, P]` with the decoder `settings` names.
+
+    `prompt_inputs` (Dimple's `pixel_values`, `image_grid_thw`) belong to the prompt: every full forward and the
+    prefill take them, a forward on top of the prompt's cache does not.
+    """
+    prompt_inputs = prompt_inputs or {}
     decoder = DECODERS[settings.decoder]
     gen_length = settings.gen_length
     block_length = settings.block_length or gen_length
@@ -470,12 +477,12 @@ def generate(
                 cached_rows = rows
             if cache is None or start != cached_length:
                 prefix = torch.cat([prompt_ids[rows], current[:, :start]], dim=1)
-                cache = prefill_prompt(prefix, torch.cat([prompt_mask[rows], ones[:, :start]], dim=1))
+                cache = prefill_prompt(prefix, torch.cat([prompt_mask[rows], ones[:, :start]], dim=1), **prompt_inputs)
                 cached_rows, cached_length = rows, start
                 full = True  # the step that builds the cache decodes from a full forward
         if full:
             ids = torch.cat([prompt_ids[rows], current], dim=1)
-            logits = forward(ids, torch.cat([prompt_mask[rows], ones], dim=1), prompt_len, None)
+            logits = forward(ids, torch.cat([prompt_mask[rows], ones], dim=1), prompt_len, None, **prompt_inputs)
         else:
             tail = forward(current[:, start:], ones[:, start:], 0, cache)
             # Cached positions are all committed, so no decoder reads their (zero) logits.
@@ -588,13 +595,11 @@ class DiffusionGenerationMixin:
             attention_mask = torch.ones_like(input_ids)
         shifted = self.logits_shifted
 
-        def forward(ids, mask, start, cache):
-            # Image inputs belong to the prompt: a forward on top of the prompt's cache carries none.
-            extra = model_inputs if cache is None else {}
-            return aligned_logits(self, shifted, ids, mask, start=start, cache=cache, **extra)
+        def forward(ids, mask, start, cache, **inputs):
+            return aligned_logits(self, shifted, ids, mask, start=start, cache=cache, **inputs)
 
-        def prefill_prompt(ids, mask):
-            return prefill(self, shifted, ids, mask, **model_inputs)
+        def prefill_prompt(ids, mask, **inputs):
+            return prefill(self, shifted, ids, mask, **inputs)
 
         out = generate(
             forward,
@@ -605,6 +610,7 @@ class DiffusionGenerationMixin:
             token_ids["mask_token_id"],
             end_id,
             generator,
+            prompt_inputs=model_inputs,
         )
         return DiffusionGenerateOutput(
             sequences=torch.cat([input_ids, out.tokens], dim=1), nfe=out.nfe, order=out.order
