@@ -32,7 +32,7 @@ from peft import PeftModel
 
 from distill.d3llm import Curriculum, TrajectoryBatches
 from distill.data import SequencePool, encode_records
-from distill.losses import certainty_forcing_loss, mask_tokens, masked_ce, masked_diffusion_loss
+from distill.losses import certainty_forcing_loss, mask_tokens, masked_ce, masked_diffusion_loss, next_token_loss
 from distill.ranks import current_rank
 from distill.recipe import LossTerm, Recipe
 from distill.sdtt import SDTT_ROUNDS_DIR, TeacherRounds, sdtt_loss_fn
@@ -77,6 +77,9 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
             values["masked_diffusion"] = masked_diffusion_loss(
                 diffusion_logits, targets, masked, t, batch["canvas_mask"], "uniform"
             )
+        if "next_token" in weights:
+            causal_logits = student.forward(targets, attention, causal=True)
+            values["next_token"] = next_token_loss(causal_logits, targets, batch["canvas_mask"])
         loss = sum(weights[kind].weight * value for kind, value in values.items())
         metrics = {kind: value.item() for kind, value in values.items()}
         metrics.update(mask_floor=float(batch["floor"]), window=float(batch["window"]))

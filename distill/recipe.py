@@ -462,6 +462,9 @@ class PretrainConfig(Section):
     - `mask_eps`: lower bound of t (t near 0 gives a loss weight 1/t that explodes).
     - `loss_weighting`: `uniform` (mean CE over masked tokens) or `inverse_t` (LLaDA's ELBO weighting 1/t);
       see `distill.losses.masked_diffusion_loss`.
+    - `ar_anchor_weight`: the diffusion phase also takes the AR phase's next-token loss (causal attention, same
+      weights) at this weight; 0 is pure masked diffusion. It keeps what the AR phase learned while the model
+      adapts to full attention over masks (`distill/pretrain.py`; measured in `docs/benchmark.md`).
 
     In both phases each answer is followed by a uniformly random number of pad tokens, so its canvas ends
     anywhere between its EOS and `data.max_response_tokens` (Dimple's fix for length bias).
@@ -472,6 +475,7 @@ class PretrainConfig(Section):
     diffusion: TrainConfig = TrainConfig(max_steps=600)
     mask_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     loss_weighting: Literal["uniform", "inverse_t"] = "uniform"
+    ar_anchor_weight: Annotated[float, Field(ge=0)] = 0.0
 
     @field_validator("ar", "diffusion")
     @classmethod
@@ -1165,6 +1169,9 @@ class LossTerm(Section):
       `complementary_ce` (CE with the window's mask inverted: a second forward), `certainty_forcing` (entropy of
       softmax(logits / temperature) on masked positions already predicted correctly, on every forward that
       runs; dParallel), `masked_diffusion` (plain masked-diffusion CE on the reference tokens, a regulariser),
+      `next_token` (the AR anchor of teacher pretraining, `teacher.pretrain.ar_anchor_weight`: next-token CE with
+      causal attention on the trajectory's tokens, a regulariser that keeps the computation an anchored teacher
+      relies on; a third forward),
       `sdtt` (self-distillation through time: the student's one forward matched to two steps of the frozen
       teacher, with the divergence, dt and rounds of `targets`). `sdtt` trains on the task training sequences
       (prompt, reference response, answer padding; the response is masked by the loss itself), not on a
@@ -1173,7 +1180,7 @@ class LossTerm(Section):
     - `temperature`: softmax temperature of `certainty_forcing` (0.5 in dParallel/d3LLM); unused by other kinds.
     """
 
-    kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion", "sdtt"]
+    kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion", "next_token", "sdtt"]
     weight: PositiveFloat = 1.0
     temperature: PositiveFloat = 0.5
 

@@ -543,7 +543,7 @@ def _check_pretraining_resumable(recipe: Recipe, train_records: list[dict]) -> N
         complete = [path for _, path, done in list_checkpoints(checkpoint_dir) if done]
         # A damaged marker reads as none: the trainer reports it.
         written_by = read_marker(complete[-1]).get("fingerprint") if complete else None
-        fingerprint = run_fingerprint(config, phase, pretrain_fingerprint(recipe))
+        fingerprint = run_fingerprint(config, phase, pretrain_fingerprint(recipe, phase))
         if written_by is not None and written_by != fingerprint:
             raise foreign_checkpoints(phase, checkpoint_dir, written_by, fingerprint)
 

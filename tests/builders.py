@@ -34,6 +34,7 @@ def keep_logits(logits: torch.Tensor, logits_to_keep: int | slice) -> torch.Tens
         return logits[:, logits_to_keep]
     return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
+
 # The published-layout fixtures (tiny random checkpoints + the original code's logits) in the steering repo's
 # shared folder, which sits beside the checkout (as in CI).
 BACKBONE_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "backbones"

@@ -9,7 +9,7 @@ from transformers import AutoModel
 
 from distill.d3llm import Curriculum, TrajectoryBatches
 from distill.distill import distill_student, distillation_loss
-from distill.losses import certainty_forcing_loss, masked_ce
+from distill.losses import certainty_forcing_loss, masked_ce, next_token_loss
 from distill.recipe import LossTerm, load_recipe
 from teachers.interface import load_teacher, save_teacher
 from tests.builders import tiny_teacher
@@ -61,6 +61,22 @@ def test_loss_is_the_weighted_sum_of_its_terms(saved_teacher):
     )
     assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
     assert {"trajectory_ce", "complementary_ce", "certainty_forcing", "mask_floor", "window"} <= set(metrics)
+
+
+def test_next_token_term_is_the_causal_next_token_loss_on_the_trajectory_tokens(saved_teacher):
+    teacher, _ = saved_teacher
+    batch = TrajectoryBatches(
+        records(teacher), 4, 10, Curriculum(windows=(4,)), teacher.mask_token_id, teacher.pad_token_id, seed=0
+    ).batch(2)
+    terms = [LossTerm(kind="trajectory_ce", weight=1.0), LossTerm(kind="next_token", weight=0.5)]
+    loss, metrics = distillation_loss(teacher, terms)(teacher.model, batch, torch.Generator().manual_seed(0))
+    targets, attention = batch["targets"], batch["attention_mask"]
+    causal = next_token_loss(teacher.forward(targets, attention, causal=True), targets, batch["canvas_mask"])
+    bidirectional = next_token_loss(teacher.forward(targets, attention), targets, batch["canvas_mask"])
+    assert abs(causal.item() - bidirectional.item()) > 1e-6  # the term really is causal
+    trajectory = masked_ce(teacher.forward(batch["input_ids"], attention), targets, batch["masked"])
+    assert math.isclose(metrics["next_token"], causal.item(), rel_tol=1e-5)
+    assert math.isclose(loss.item(), trajectory.item() + 0.5 * causal.item(), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
