@@ -3,12 +3,12 @@
 1. AR phase: causal attention, next-token CE on response tokens. Its weights are saved as `ar-baseline` (with
    `causal: true` in its config), the autoregressive model that speed comparisons use.
 2. Diffusion phase, continuing from the AR weights: full attention; t ~ U[mask_eps, 1]; every response token
-   (answer padding included) masked with probability t; CE on masked tokens weighted by 1/t. With
-   `ar_anchor_weight` > 0 each step also takes the AR phase's next-token loss (causal attention, same weights) at
-   that weight. Why: switched to full attention over masks, the converged AR model starts the diffusion phase at a
-   loss of ~5 nats and relearns slowly; on chain-of-thought arithmetic the pure diffusion phase lost a third of the
-   AR accuracy in 1,500 steps, and the anchor keeps the computation the AR phase learned (numbers in
-   `docs/benchmark.md`).
+   (answer padding included) masked with probability t; CE on masked tokens (`loss_weighting`: their mean, or
+   LLaDA's 1/t weighting). With `ar_anchor_weight` > 0 each step also takes the AR phase's next-token loss (causal
+   attention, same weights) at that weight. Why: switched to full attention over masks, the converged AR model
+   starts the diffusion phase at a loss of ~5 nats and relearns slowly; on chain-of-thought arithmetic the pure
+   diffusion phase lost a third of the AR accuracy in 1,500 steps, and the anchor keeps the computation the AR
+   phase learned (numbers in `docs/benchmark.md`).
 
 Both phases run on the one DeepSpeed trainer with their own `TrainConfig` (`teacher.pretrain.ar` and
 `teacher.pretrain.diffusion`), so they checkpoint and resume independently.

@@ -458,7 +458,7 @@ class PretrainConfig(Section):
     - `ar`: the autoregressive phase (causal attention, next-token loss on the response). Its checkpoint is
       kept as `ar-baseline`, the AR model that speed comparisons use.
     - `diffusion`: the diffusion phase (full attention; t ~ U[mask_eps, 1]; each response token masked with
-      probability t; CE on masked tokens weighted by 1/t).
+      probability t; CE on masked tokens, weighted as `loss_weighting` says).
     - `mask_eps`: lower bound of t (t near 0 gives a loss weight 1/t that explodes).
     - `loss_weighting`: `uniform` (mean CE over masked tokens) or `inverse_t` (LLaDA's ELBO weighting 1/t);
       see `distill.losses.masked_diffusion_loss`.
