@@ -22,7 +22,8 @@
                                "cut_short": bool | null}],
                 "headline": {"y_max", "y_max_row", "student_frontier_aup", "student_decoder",
                              "teacher_frontier_aup", "teacher_decoder", "teacher_one_token",
-                             "frontier_ratio", "one_token_ratio", "cut_short": [model names]} | null}],
+                             "frontier_ratio", "one_token_ratio", "cut_short": [model names],
+                             "teacher_parallel": {"decoder", "knob", "tpf", "accuracy"} | null} | null}],
      "sources": [...]}                                                    # only in merged reports
 
 `name` is the model row (`teacher`, `ar-baseline`, `student` or a checkpoint's name), `decoder` the decoder's label,
@@ -41,8 +42,10 @@ point's AUP alone, TPF x accuracy). `headline` (when the task has a `teacher` an
 ratios: `frontier_ratio` = student frontier AUP / teacher frontier AUP (the honest comparison) and
 `one_token_ratio` = student frontier AUP / the teacher's one-token-per-forward AUP (d3LLM's comparison with the
 vanilla-decoded teacher), both against the task's `y_max`; `cut_short` names the compared models with a curve
-cut short. Everything but the rows' sweep fields is derived by `score_report`, so a version-1 report loads and is
-rescored.
+cut short; `teacher_parallel` is the fastest point of a teacher curve that ran its whole ladder without falling
+past the cut-off (null when every teacher curve fell): such a teacher is already parallel on the task, and the
+report says so, since a student can then gain little on the frontier. Everything but the rows' sweep fields is
+derived by `score_report`, so a version-1 report loads and is rescored.
 
 The module runs past 400 lines on purpose: the schema above, its scoring and its three renderings (JSON, Markdown,
 HTML with the plot) stay in one file, so that a field is added in one place.
@@ -64,7 +67,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from distill.files import write_atomically
-from eval.aup import ACCURACY_DROP_LIMIT, aup_score, pareto_front
+from eval.aup import ACCURACY_DROP_LIMIT, aup_score, fell_past_cutoff, pareto_front
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the sweep fields and frontiers; score_report adds what it can
@@ -203,6 +206,14 @@ def headline(entry: dict) -> dict | None:
         return None if numerator is None or not denominator else numerator / denominator
 
     one_token = teacher["one_token"]
+    held = [
+        point | {"decoder": row["decoder"]}
+        for row in entry["rows"]
+        if row["name"] == "teacher" and row["cut_short"] is False and row["points"]
+        if not fell_past_cutoff([(point["tpf"], point["accuracy"]) for point in row["points"]])
+        for point in row["points"]
+    ]
+    fastest = max(held, key=lambda point: (point["tpf"], point["accuracy"]), default=None)
     return {
         "y_max": entry["y_max"],
         "y_max_row": entry["y_max_row"],
@@ -214,6 +225,7 @@ def headline(entry: dict) -> dict | None:
         "frontier_ratio": ratio(student["aup"], teacher["aup"]),
         "one_token_ratio": ratio(student["aup"], one_token["aup"] if one_token else None),
         "cut_short": [model["name"] for model in (student, teacher) if model["cut_short"]],
+        "teacher_parallel": {key: fastest[key] for key in ("decoder", "knob", "tpf", "accuracy")} if fastest else None,
     }
 
 
@@ -336,6 +348,13 @@ def headline_text(headline: dict) -> str:
     )
     if headline["cut_short"]:
         text += f"; cut short: {', '.join(headline['cut_short'])} (a ratio of curves that stopped early)"
+    parallel = headline["teacher_parallel"]
+    if parallel:
+        text += (
+            f"; the teacher is already parallel: its {parallel['decoder']} curve never fell past the cut-off, "
+            f"{_number(parallel['accuracy'])}% at TPF {_number(parallel['tpf'])} at the end of its ladder "
+            "(little for a student to gain)"
+        )
     return text
 
 

@@ -233,6 +233,28 @@ def test_the_headline_ratios_recomputed_from_the_points(tmp_path):
     assert printed[-1].startswith("HEADLINE addition: frontier vs frontier: student AUP")
 
 
+def test_the_headline_says_when_a_teacher_curve_ran_its_whole_ladder_without_falling(tmp_path):
+    assert frontier_report()["tasks"][0]["headline"]["teacher_parallel"] is None  # its complete curves all fell
+    done = {"sweep": "auto", "cut_short": False, "cut_short_reason": None}
+    rows = [
+        # Complete but never below 80 - 5: the sweep reached the ladder's end with the teacher still accurate.
+        make_row(
+            "teacher", "confident", [(1.0, 1.0, 80.0), (0.5, 6.0, 78.0), (0.0, 9.0, 76.0)], one_token_knob=1.0, **done
+        ),
+        make_row("teacher", "multi_block", [(0.0, 1.0, 80.0), (0.5, 12.0, 60.0)], one_token_knob=0.0, **done),
+        make_row("student", "confident", [(1.0, 1.0, 80.0), (0.0, 9.0, 79.0)], one_token_knob=1.0, **done),
+    ]
+    report = new_report({"addition": rows}, run="r", alpha=3.0, batch_size=4, recipe_hash="h")
+    parallel = report["tasks"][0]["headline"]["teacher_parallel"]
+    # The fastest point of the curve that held (multi_block's 12.0 fell past the cut-off, so it does not count).
+    assert parallel == {"decoder": "confident", "knob": 0.0, "tpf": 9.0, "accuracy": 76.0}
+    write_report(report, tmp_path)
+    assert (
+        "the teacher is already parallel: its confident curve never fell past the cut-off, 76.00% at TPF 9.00"
+        in (tmp_path / "report.md").read_text()
+    )
+
+
 def test_a_version_1_report_loads_and_is_scored_on_frontiers(tmp_path):
     report = small_report()
     for entry in report["tasks"]:
