@@ -1,5 +1,6 @@
 """The `distill` command line: `run`, `trajectories`, `validate`, `eval` and `bench decode` take a recipe plus dotted
-overrides; `report` re-renders or merges finished reports; `export` and `verify` take a run or export folder.
+overrides; `report` re-renders or merges finished reports; `export` and `verify` take a run or export folder;
+`lm-eval` runs lm-evaluation-harness on a model folder.
 
     distill run recipes/teacher-tiny.yaml train.lr=3e-4 run.output_dir=runs/x
     distill validate recipes/teacher-tiny.yaml
@@ -7,6 +8,8 @@ overrides; `report` re-renders or merges finished reports; `export` and `verify`
     distill eval recipes/teacher-tiny.yaml --checkpoint runs/teacher-tiny/teacher --task addition
     distill report runs/a runs/b --out runs/compare                    # merge two runs' reports, no decoding
     distill bench decode recipes/eval-tiny.yaml --samples 32 --repeats 5   # decoders with and without cache
+    distill lm-eval --model-args pretrained=exports/llada-d3 --tasks gsm8k --out runs/lm-eval   # the harness
+    distill lm-eval --model-args pretrained=runs/x,decoder=confident --tasks gsm8k --sweep --out runs/x-gsm8k
     distill trajectories recipes/teacher-tiny.yaml teacher.path=runs/teacher-tiny/teacher trajectories.block_length=8
     torchrun --nproc_per_node 2 -m distill.cli trajectories RECIPE [overrides]   # shards split over ranks
     distill export runs/quickstart --out exports/quickstart --dtype bf16   # a folder that loads without fewstep
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = verbs.add_parser(
         "validate",
         help="check a recipe and print it fully resolved",
-        description="Validate a recipe (and overrides) and print the fully resolved recipe; writes nothing.",
+        description="Validate a recipe (and overrides), read its data files (rows and images), and print the fully "
+        "resolved recipe; writes nothing.",
     )
     _add_recipe_arguments(validate)
 
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Decode the recipe's eval tasks with every row (eval.rows, eval.checkpoints) and every eval decoder, "
             "sweeping each decoder's knob; write report.json/.md/.html and per-sample logs to "
-            "<run.output_dir>/eval/."
+            "<run.output_dir>/eval/; with eval.lm_eval, then run lm-evaluation-harness into eval/lm_eval/."
         ),
     )
     _add_recipe_arguments(evaluate)
@@ -145,6 +149,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="run DIR's Python files even though fewstep did not write them (a folder it did not export, or edited)",
     )
 
+    lm_eval = verbs.add_parser(
+        "lm-eval",
+        help="score a model on lm-evaluation-harness tasks; --sweep its decoder's knob into an AUP report",
+        description=(
+            "Run lm-evaluation-harness (GSM8K, MATH, HumanEval, MBPP, local task YAMLs) with fewstep's model "
+            "`fewstep`: once at the decoder's settings (results.json), or once per value of the decoder's knob "
+            "(--sweep), each task's accuracy and TPF going into the AUP report (report.json/.md/.html). Settings "
+            "are eval.lm_eval's (distill/recipe.py: LmEvalConfig)."
+        ),
+    )
+    lm_eval.add_argument(
+        "--model-args",
+        "--model_args",
+        required=True,
+        help="pretrained=DIR (checkpoint, export or run directory)[,row=student][,decoder=NAME][,threshold=...]"
+        "[,steps=...][,block_length=...][,gen_length=...][,batch_size=...][,mc_num=...]: eval/lm_eval.py",
+    )
+    lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    lm_eval.add_argument("--include-path", "--include_path", type=Path, default=None, help="folder of task YAMLs")
+    lm_eval.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="default: each task's own")
+    lm_eval.add_argument("--limit", type=float, default=None, help="documents per task (count, or fraction < 1)")
+    lm_eval.add_argument("--metric", default=None, help="harness metric read as accuracy (exact_match,strict-match)")
+    lm_eval.add_argument(
+        "--apply-chat-template",
+        "--apply_chat_template",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prompts in the model's chat template (default: yes)",
+    )
+    lm_eval.add_argument(
+        "--fewshot-as-multiturn",
+        "--fewshot_as_multiturn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="few-shot examples as their own chat turns (default: yes)",
+    )
+    lm_eval.add_argument(
+        "--confirm-run-unsafe-code",
+        "--confirm_run_unsafe_code",
+        action="store_true",
+        help="let tasks run the generated code (HumanEval, MBPP)",
+    )
+    lm_eval.add_argument(
+        "--sweep",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="sweep the decoder's knob: auto (from one token per forward until accuracy falls past AUP's cut-off) "
+        "or comma-separated values",
+    )
+    lm_eval.add_argument("--out", type=Path, required=True, help="output directory")
+
     bench = verbs.add_parser("bench", help="benchmarks", description="Benchmarks.")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=ArgumentParser)
     decode = benches.add_parser(
@@ -194,8 +250,16 @@ def _load(args: argparse.Namespace) -> Recipe:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from distill.recipe import dump_recipe
+    from eval.userdata import load_file_source
 
     recipe = _load(args)
+    # The data files too, as `run` reads them before work (a bad row or image exits 2 naming the file and row);
+    # the generated tasks are left to `run` (drawing them is the data stage's work).
+    for source in recipe.data.files:
+        try:
+            load_file_source(source)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
     sys.stdout.write(dump_recipe(recipe))
     return 0
 
@@ -236,7 +300,7 @@ def _check_tasks(recipe: Recipe, tasks: list[str]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     recipe = _load(args)
     _check_tasks(recipe, args.task or [])
-    from distill.run import check_before_work, eval_rows, evaluate_rows, held_run_directory
+    from distill.run import benchmark_rows, check_before_work, eval_rows, evaluate_rows, held_run_directory
     from eval.tasks import write_task_datasets
 
     out_dir = Path(recipe.run.output_dir)
@@ -252,6 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with held_run_directory(out_dir):
         write_task_datasets(datasets, recipe.data, recipe.run.seed, out_dir / "data")
         evaluate_rows(recipe, datasets, rows, out_dir / "eval")
+        benchmark_rows(recipe, rows, out_dir / "eval" / "lm_eval")  # eval.lm_eval, when the recipe has it
     return 0
 
 
@@ -292,6 +357,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out_path=args.out or out_dir / "bench" / "decode.json",
     )
     return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from distill.recipe import LmEvalConfig
+    from eval.benchmarks import lm_eval_command, prepare
+    from eval.lm_eval import parse_model_args
+
+    flags = {
+        "tasks": [task.strip() for task in args.tasks.split(",") if task.strip()],
+        "include_path": args.include_path,
+        "num_fewshot": args.num_fewshot,
+        "limit": args.limit,
+        "metric": args.metric,
+        "apply_chat_template": args.apply_chat_template,
+        "fewshot_as_multiturn": args.fewshot_as_multiturn,
+        "confirm_run_unsafe_code": args.confirm_run_unsafe_code,
+    }
+    # Every argument is checked before the weights load: a bad one exits 2 with one line.
+    try:
+        try:
+            config = LmEvalConfig.model_validate(flags)
+        except ValidationError as error:
+            first = error.errors()[0]
+            flag = "--" + str(first["loc"][0]).replace("_", "-")
+            raise ValueError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from None
+        sweep = None if args.sweep is None else _sweep_values(args.sweep)
+        prepared = prepare(parse_model_args(args.model_args), config, sweep)
+    except ValueError as error:
+        print(f"distill: error: {error}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    lm_eval_command(prepared, config, args.out)
+    return 0
+
+
+def _sweep_values(text: str) -> str | list[float]:
+    if text == "auto":
+        return text
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep: expected auto or comma-separated numbers, got {text!r}") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -339,6 +447,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "report": cmd_report,
     "bench": cmd_bench,
+    "lm-eval": cmd_lm_eval,
     "export": cmd_export,
     "verify": cmd_verify,
 }

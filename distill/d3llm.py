@@ -21,9 +21,12 @@ aligned with its blocks start at s, so k - s = int((1 - t) * W) positions of the
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from teachers.vision import VisionInputs, collate_vision
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,13 @@ class TrajectoryBatches:
         pad_token_id: int,
         seed: int,
         rank: int = 0,
+        vision_fn: Callable[[list], VisionInputs] | None = None,
     ):
         if not records:
             raise ValueError("trajectories: no records to train on")
+        if vision_fn is None and any(record.get("images") for record in records):
+            raise ValueError("trajectories: records carry images but the batches have no vision_fn to preprocess them")
+        self.vision_fn = vision_fn
         self.records = records
         self.canvas = len(records[0]["target_ids"])
         for window in curriculum.windows:
@@ -95,7 +102,8 @@ class TrajectoryBatches:
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         """Tensors `[B, P + L]`: `input_ids`, `complement_ids`, `targets`, `attention_mask`, `masked`,
         `complement_masked` (loss positions of each forward), `canvas_mask` (1 on the response canvas), plus `[B]`
-        `t` and scalar `floor` / `window`."""
+        `t` and scalar `floor` / `window`; `pixel_values`/`image_grid_thw` when a row's prompt has images
+        (a record's `images`, resolved from its `image_sha256` by the distillation stage)."""
         rng = random.Random(f"{self.seed}-{self.rank}-{index}")
         floor, window = self.schedule(index)
         rows = []
@@ -151,4 +159,4 @@ class TrajectoryBatches:
             "t": t_values,
             "floor": torch.tensor(floor),
             "window": torch.tensor(window),
-        }
+        } | collate_vision([self.vision_fn(r["images"]) if r.get("images") else None for r, _, _ in rows])

@@ -26,6 +26,7 @@ from teachers.backbones.diffusion_generation import (
     top_positions,
 )
 from teachers.interface import Teacher
+from teachers.vision import VisionInputs, collate_vision
 
 __all__ = [
     "DecodeResult",
@@ -105,20 +106,24 @@ def decode(
     config: DecoderConfig,
     gen_length: int,
     generator: torch.Generator | None = None,
-    **image_inputs: torch.Tensor,
+    vision: list[VisionInputs | None] | None = None,
 ) -> DecodeResult:
     """Decode a batch of prompt id lists with the decoder named in `config`.
 
-    `image_inputs` (Dimple's `pixel_values`, `image_grid_thw`) go to the prompt's forwards (`generate`). They are
-    decoded one prompt at a time: a batch drops samples as they finish, and the rows of concatenated image patches
-    are not split per sample yet.
+    `vision` holds each prompt's images (`Teacher.encode_prompt(...).vision`, None for a text prompt), for
+    Dimple. They are encoded by the vision tower once, here, and each forward of the loop gets the features of the
+    rows it decodes (`RowImages`).
     """
-    if image_inputs and len(prompts) != 1:
-        raise ValueError(f"decode: image inputs are decoded one prompt at a time, got {len(prompts)} prompts")
     settings = decode_settings(teacher, config, gen_length)
     prompt_ids, prompt_mask = left_pad(prompts, teacher.pad_token_id)
     device = teacher.device
-    image_inputs = {name: value.to(device) for name, value in image_inputs.items()}
+    prompt_images = None
+    images = collate_vision(vision or [])
+    if images:
+        if len(vision) != len(prompts):
+            raise ValueError(f"decode: {len(vision)} vision entries for {len(prompts)} prompts")
+        images = {name: value.to(device) for name, value in images.items()}
+        prompt_images = teacher.row_images(prompt_ids.to(device), **images)
 
     def forward(ids, mask, start, cache, **inputs):
         return teacher.forward(ids, mask, cache=cache, start=start, **inputs)
@@ -132,7 +137,7 @@ def decode(
         teacher.mask_token_id,
         teacher.end_token_id,
         generator,
-        prompt_inputs=image_inputs,
+        prompt_images=prompt_images,
     )
     return DecodeResult(
         tokens=out.tokens.cpu(), order=out.order.cpu(), nfe=out.nfe.cpu(), generated=out.generated.cpu()

@@ -40,6 +40,7 @@ from distill.trainer import BatchFn, LossFn, Trainer, latest_complete_checkpoint
 from distill.trajectories import data_hash, teacher_hash
 from students.build import build_student, freeze, merged_model, trainable_parameters
 from teachers.interface import Teacher, load_teacher, save_teacher
+from teachers.vision import vision_of
 
 # Lower bound of t for the `masked_diffusion` regulariser (as in teacher pretraining's default).
 MASK_EPS = 1e-3
@@ -55,14 +56,14 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
 
     def loss_fn(model, batch, generator):
         student = teacher.with_model(model)
-        targets, attention = batch["targets"], batch["attention_mask"]
-        logits = student.forward(batch["input_ids"], attention)
+        targets, attention, vision = batch["targets"], batch["attention_mask"], vision_of(batch)
+        logits = student.forward(batch["input_ids"], attention, **vision)
         values: dict[str, torch.Tensor] = {}
         if "trajectory_ce" in weights:
             values["trajectory_ce"] = masked_ce(logits, targets, batch["masked"])
         complement_logits = None
         if "complementary_ce" in weights:
-            complement_logits = student.forward(batch["complement_ids"], attention)
+            complement_logits = student.forward(batch["complement_ids"], attention, **vision)
             values["complementary_ce"] = masked_ce(complement_logits, targets, batch["complement_masked"])
         if "certainty_forcing" in weights:
             temperature = weights["certainty_forcing"].temperature
@@ -73,12 +74,12 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
             values["certainty_forcing"] = certainty
         if "masked_diffusion" in weights:
             noisy, masked, t = mask_tokens(targets, batch["canvas_mask"], teacher.mask_token_id, MASK_EPS, generator)
-            diffusion_logits = student.forward(noisy, attention)
+            diffusion_logits = student.forward(noisy, attention, **vision)
             values["masked_diffusion"] = masked_diffusion_loss(
                 diffusion_logits, targets, masked, t, batch["canvas_mask"], "uniform"
             )
         if "next_token" in weights:
-            causal_logits = student.forward(targets, attention, causal=True)
+            causal_logits = student.forward(targets, attention, causal=True, **vision)
             values["next_token"] = next_token_loss(causal_logits, targets, batch["canvas_mask"])
         loss = sum(weights[kind].weight * value for kind, value in values.items())
         metrics = {kind: value.item() for kind, value in values.items()}
@@ -113,6 +114,7 @@ def trajectory_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) ->
         pad_token_id=teacher.pad_token_id,
         seed=recipe.run.seed,
         rank=current_rank(),
+        vision_fn=teacher.vision_inputs,
     )
 
 
@@ -131,6 +133,7 @@ def sdtt_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) -> Batch
         pad_id=teacher.pad_token_id,
         seed=recipe.run.seed,
         rank=current_rank(),
+        vision_fn=teacher.vision_inputs,
     )
 
     def batch(index: int) -> dict:

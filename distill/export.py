@@ -83,6 +83,7 @@ from students.build import merged_model
 from students.defaults import generation_settings, recommended_decoder
 from teachers.interface import Teacher
 from teachers.manifest import write_manifest
+from teachers.vision import collate_vision
 
 # Eval prompts decoded by verification; fixed ones stand in when the run directory holds no task data.
 VERIFY_SAMPLES = 4
@@ -114,8 +115,9 @@ class Interrupted(KeyboardInterrupt):
 # Verification inputs: a few eval samples and what the training-side student computes on them
 
 
-def verification_samples(recipe: Recipe, run_dir: Path, count: int = VERIFY_SAMPLES) -> list[tuple[str, str]]:
-    """`(prompt, response)` of the first eval samples of the run's tasks, taken in turn; fixed ones without data."""
+def verification_samples(recipe: Recipe, run_dir: Path, count: int = VERIFY_SAMPLES) -> list[tuple[str, str, tuple]]:
+    """`(prompt, response, images)` of the first eval samples of the run's tasks, taken in turn (an image task's
+    samples keep their images, so a Dimple export is verified on image prompts); fixed text ones without data."""
     try:
         datasets = load_task_datasets(Path(run_dir) / "data")
     except FileNotFoundError:
@@ -125,8 +127,9 @@ def verification_samples(recipe: Recipe, run_dir: Path, count: int = VERIFY_SAMP
     for index in range(count if tasks else 0):
         split, position = tasks[index % len(tasks)], index // len(tasks)
         if position < len(split):
-            samples.append((split[position]["prompt"], split[position]["response"]))
-    return samples or FALLBACK_SAMPLES[:count]
+            record = split[position]
+            samples.append((record["prompt"], record["response"], tuple(record.get("images") or ())))
+    return samples or [(prompt, response, ()) for prompt, response in FALLBACK_SAMPLES[:count]]
 
 
 def reference_outputs(
@@ -140,18 +143,22 @@ def reference_outputs(
     """
     samples = verification_samples(recipe, run_dir)
     tokenizer = student.tokenizer
-    prompts = [student.encode_prompt(prompt) for prompt, _ in samples]
+    encoded = [student.encode_prompt(prompt, images) for prompt, _, images in samples]
+    prompts = [prompt.ids for prompt in encoded]
     rows = []
-    for prompt, (_, response) in zip(prompts, samples, strict=True):
+    for prompt, (_, response, _) in zip(prompts, samples, strict=True):
         canvas = student.encode_response(response)[:gen_length]
         canvas += [student.pad_token_id] * (gen_length - len(canvas))
         rows.append(prompt + [student.mask_token_id if j % 3 == 1 else token for j, token in enumerate(canvas)])
     input_ids, attention_mask = left_pad(rows, student.pad_token_id)
     prompt_ids, prompt_mask = left_pad(prompts, student.pad_token_id)
+    vision = collate_vision([prompt.vision for prompt in encoded])
     with torch.no_grad():
-        logits = student.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logits = student.model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits.float()
     return Reference(
-        questions=[prompt for prompt, _ in samples],
+        questions=[prompt for prompt, _, _ in samples],
+        images=[list(images) for _, _, images in samples],
+        vision=[prompt.vision for prompt in encoded],
         prompts=prompts,
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -27,12 +27,16 @@ from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
 from distill.ranks import current_rank
 from distill.recipe import Recipe, TrainConfig
 from distill.trainer import RESUME_SAFE_FIELDS, Trainer
+from students.build import set_vision_training
 from teachers.interface import Teacher, new_teacher, save_teacher
+from teachers.vision import vision_of
 
 
 def ar_loss(teacher: Teacher):
     def loss_fn(model, batch, generator):
-        logits = teacher.with_model(model).forward(batch["input_ids"], batch["attention_mask"], causal=True)
+        logits = teacher.with_model(model).forward(
+            batch["input_ids"], batch["attention_mask"], causal=True, **vision_of(batch)
+        )
         loss = next_token_loss(logits, batch["input_ids"], batch["response_mask"])
         return loss, {"ar_ce": loss.item()}
 
@@ -46,7 +50,7 @@ def diffusion_loss(teacher: Teacher, eps: float, weighting: str, ar_anchor_weigh
         noisy, masked, t = mask_tokens(
             batch["input_ids"], batch["response_mask"], teacher.mask_token_id, eps, generator
         )
-        logits = teacher.with_model(model).forward(noisy, batch["attention_mask"], causal=False)
+        logits = teacher.with_model(model).forward(noisy, batch["attention_mask"], causal=False, **vision_of(batch))
         loss = masked_diffusion_loss(logits, batch["input_ids"], masked, t, batch["response_mask"], weighting)
         metrics = {"diffusion_ce": loss.item(), "masked_fraction": (masked.sum() / batch["response_mask"].sum()).item()}
         if anchor is not None:
@@ -68,6 +72,8 @@ def pretrain_fingerprint(recipe: Recipe, phase: str) -> str:
         "model": spec.model.model_dump(mode="json"),
         "seed": recipe.run.seed,
     }
+    if recipe.teacher.name == "dimple":
+        payload["train_vision"] = spec.train_vision
     if phase == "diffusion":
         payload["objective"] = [spec.mask_eps, spec.loss_weighting, spec.ar_anchor_weight]
         payload["ar"] = spec.ar.model_dump(mode="json", exclude=RESUME_SAFE_FIELDS - {"max_steps"})
@@ -86,6 +92,7 @@ def _train_phase(
         pad_id=teacher.pad_token_id,
         seed=recipe.run.seed,
         rank=current_rank(),
+        vision_fn=teacher.vision_inputs,
     )
     trainer = Trainer(
         teacher.model,
@@ -110,6 +117,7 @@ def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -
     spec = recipe.teacher.pretrain
     torch.manual_seed(recipe.run.seed)
     teacher = new_teacher(recipe.teacher.name, spec.model.model_dump())
+    set_vision_training(teacher.model, spec.train_vision)
     examples = encode_records(teacher, train_records, recipe.data.max_response_tokens)
     teacher_dir, ar_dir = out_dir / "teacher", out_dir / "ar-baseline"
 

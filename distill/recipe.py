@@ -465,6 +465,11 @@ class PretrainConfig(Section):
     - `ar_anchor_weight`: the diffusion phase also takes the AR phase's next-token loss (causal attention, same
       weights) at this weight; 0 is pure masked diffusion. It keeps what the AR phase learned while the model
       adapts to full attention over masks (`distill/pretrain.py`; measured in `docs/benchmark.md`).
+    - `train_vision`: Dimple only: which of its vision parts train in both phases: `projector` (default: the
+      vision tower stays at its random initialisation, a fixed feature extractor whose features already separate
+      small drawn images, and the image projector learns to map them into the LM), `all` (tower too), `none`.
+      Measured on `colour_digits`: with the tower training, the tiny model never learned to read its images in 400
+      steps (a reading probe stayed at the image-blind loss); with `projector` it did.
 
     In both phases each answer is followed by a uniformly random number of pad tokens, so its canvas ends
     anywhere between its EOS and `data.max_response_tokens` (Dimple's fix for length bias).
@@ -476,6 +481,7 @@ class PretrainConfig(Section):
     mask_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     loss_weighting: Literal["uniform", "inverse_t"] = "uniform"
     ar_anchor_weight: Annotated[float, Field(ge=0)] = 0.0
+    train_vision: Literal["all", "projector", "none"] = "projector"
 
     @field_validator("ar", "diffusion")
     @classmethod
@@ -657,13 +663,64 @@ class SortingTask(Section):
         return self
 
 
+# The colours `colour_digits` draws in (their RGB values are `eval.images.PALETTE`): saturated and far apart, so a
+# vision tower tells them apart at one 28-px cell per digit.
+Colour = Literal["red", "green", "blue", "orange", "purple", "black"]
+
+
+class ColourDigitsTask(Section):
+    """A visual task (Dimple): add the digits of one colour in a drawn grid, e.g. `Add the red digits.` -> the
+    four lines `red: 3 5 7`, `3+5=8`, `8+7=15`, `#### 15`.
+
+    Each record has one RGB image of rows x cols cells, each exactly 28x28 pixels (one merged 2x2 patch token of
+    Qwen2-VL's 14-px patches, so the image is one token per cell and the resize keeps it as is), holding one digit
+    0-9 drawn in a 5x7 dot font in one of `colours` on white. The prompt names one colour; 1..max_asked of the
+    cells carry it, the others another colour of the list. The response lists that colour's digits in reading
+    order (left to right, top to bottom), adds them one step per line and ends in `#### <sum>`.
+
+    - `rows` / `cols`: the grid; rows * cols must be at least 4 (Qwen2-VL's minimum of 3136 pixels, 56x56).
+    - `colours`: at least 2 distinct names of the palette: red, green, blue, orange, purple, black.
+    - `min_asked` / `max_asked`: how many digits have the asked colour (uniform in min_asked..max_asked, at most
+      rows * cols). A response is at most 34 characters at the defaults (`blue: 9 9 9`, `9+9=18`, `18+9=27`,
+      `#### 27` and three newlines; 36 with a six-letter colour): response + EOS fits a 40-token canvas under the
+      character tokenizer.
+    - `fixed_width`: write every sum with the digits of the largest possible one (`3+5=08`, `08+7=15`, `#### 15`),
+      as `addition` does: with a fixed count and colour names of one length, every character sits at a fixed
+      offset, which a tiny diffusion model learns much faster than layouts that shift with the sums.
+    """
+
+    name: Literal["colour_digits"]
+    train_size: NonNegativeInt = 20000
+    eval_size: NonNegativeInt = 200
+    rows: PositiveInt = 2
+    cols: PositiveInt = 3
+    colours: list[Colour] = ["red", "blue"]
+    min_asked: PositiveInt = 1
+    max_asked: PositiveInt = 3
+    fixed_width: bool = False
+
+    @model_validator(mode="after")
+    def _grid_and_colours(self) -> ColourDigitsTask:
+        if self.rows * self.cols < 4:
+            cells = self.rows * self.cols
+            raise ValueError(f"rows * cols must be at least 4 (Qwen2-VL's minimum image size), got {cells}")
+        if len(set(self.colours)) < 2 or len(set(self.colours)) != len(self.colours):
+            raise ValueError(f"colours must be at least 2 distinct palette colours, got {self.colours}")
+        if self.max_asked > self.rows * self.cols:
+            raise ValueError(f"max_asked must not exceed rows * cols ({self.rows * self.cols})")
+        if self.min_asked > self.max_asked:
+            raise ValueError("min_asked must not exceed max_asked")
+        return self
+
+
 class FileSource(Section):
     """User data from local JSONL or parquet files.
 
     - `name`: task name used in reports (any label, e.g. `gsm8k`); scoring is exact match on the `####` answer.
     - `train_path` / `eval_path`: files; either may be null. A file that is empty or blank is an error.
     - `format`: `gsm8k` (`question`, `answer` with `#### <final>`), `prompt_response` (`prompt`, `response`), or
-      `auto` (detected from the columns).
+      `auto` (detected from the columns). Either format's rows may carry images (Dimple): `image` (one) or
+      `images` (a list), paths relative to the data file, or image bytes in parquet (`eval/userdata.py`).
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
@@ -681,17 +738,18 @@ class FileSource(Section):
         return value
 
 
-BUILTIN_TASKS = ("addition", "addends", "word_problems", "chain_arithmetic", "sorting")
+BUILTIN_TASKS = ("addition", "addends", "word_problems", "chain_arithmetic", "sorting", "colour_digits")
 TaskSource = Annotated[
-    AdditionTask | AddendsTask | WordProblemsTask | ChainArithmeticTask | SortingTask, Field(discriminator="name")
+    AdditionTask | AddendsTask | WordProblemsTask | ChainArithmeticTask | SortingTask | ColourDigitsTask,
+    Field(discriminator="name"),
 ]
 
 
 class DataConfig(Section):
     """Training and evaluation data.
 
-    - `tasks`: built-in generated tasks (`addition`, `addends`, `word_problems`, `chain_arithmetic`, `sorting`),
-      each with its sizes and knobs.
+    - `tasks`: built-in generated tasks (`addition`, `addends`, `word_problems`, `chain_arithmetic`, `sorting`,
+      and the visual `colour_digits`), each with its sizes and knobs.
     - `files`: user data sources (JSONL/parquet).
     - `max_response_tokens`: the response canvas: responses are padded to at most this many tokens in training
       and decoders generate this many by default; a longer reference response is an error.
@@ -995,6 +1053,63 @@ class CheckpointRow(Section):
     autoregressive: bool = False
 
 
+class LmEvalConfig(Section):
+    """Standard benchmarks through lm-evaluation-harness (`eval/benchmarks.py`, the `fewstep` model of
+    `eval/lm_eval.py`). `distill run` runs it at the end of its eval stage on every eval row, into
+    `<run.output_dir>/eval/lm_eval/`; `distill lm-eval` takes the same settings as flags.
+
+    Parameters that choose the harness's tasks and prompts:
+    - `tasks`: lm-eval task or group names (`gsm8k`, `minerva_math`, `humaneval`, `mbpp`, ...), or tasks defined
+      by the YAML files under `include_path`.
+    - `include_path`: a folder of task YAMLs added to the harness's own (lm-eval's `--include_path`); null: none.
+    - `num_fewshot`: few-shot examples per prompt; null: each task's own default.
+    - `limit`: documents per task: a count (a whole number >= 1) or a fraction of each task (< 1); null: all.
+    - `apply_chat_template`: render each prompt (few-shot turns included) in the model's chat template, the format
+      fewstep prompts its models in everywhere else; false sends the task's plain text.
+    - `fewshot_as_multiturn`: with the chat template, give each few-shot example its own user and assistant turn;
+      false joins them into the one user turn.
+    - `confirm_run_unsafe_code`: let tasks that execute the generated code (HumanEval, MBPP) run it; the harness
+      refuses them otherwise.
+
+    Parameters that control scoring:
+    - `sweep`: true: every eval decoder's knob is swept as for the AUP report (`eval.decoder`'s and
+      `eval.decoders`' `sweep`), one harness run per knob value (an `auto` sweep stops for each task once its
+      accuracy fell past AUP's cut-off), and each task's accuracy and TPF go into `report.{json,md,html}`; only
+      generative tasks (`output_type: generate_until`) can be swept. False: one harness run per row with
+      `eval.decoder` at its own settings, for any task type (multiple choice too); `<row>/results.json`.
+    - `metric`: the harness metric read as accuracy, named as the harness reports it with its filter
+      (`exact_match,strict-match`, `acc,none`); null: the first metric each task reports.
+    - `mc_num`: Monte-Carlo draws of the masked-diffusion ELBO per loglikelihood request (multiple-choice and
+      perplexity tasks); the estimate's standard error falls as 1/sqrt(mc_num), its cost grows as mc_num.
+    - `batch_size`: prompts decoded together, and ELBO draws per forward; null: `eval.batch_size`.
+    - `gen_length`: the response canvas of the harness's prompts (GSM8K's chains of thought need ~256 tokens);
+      null: each decoder's `gen_length`, else `data.max_response_tokens`.
+    `distill lm-eval` takes `mc_num`, `batch_size` and `gen_length` as model args, and `sweep` as its `--sweep`.
+    """
+
+    tasks: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    include_path: PathField | None = None
+    num_fewshot: NonNegativeInt | None = None
+    limit: PositiveFloat | None = None
+    apply_chat_template: bool = True
+    fewshot_as_multiturn: bool = True
+    confirm_run_unsafe_code: bool = False
+    sweep: bool = True
+    metric: Annotated[str, Field(min_length=1)] | None = None
+    mc_num: PositiveInt = 32
+    batch_size: PositiveInt | None = None
+    gen_length: PositiveInt | None = None
+
+    _paths_exist = field_validator("include_path")(_existing_path)
+
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and not float(value).is_integer():
+            raise ValueError(f"a count must be a whole number (or a fraction < 1), got {value}")
+        return value
+
+
 EVAL_ROWS = ("teacher", "ar-baseline", "student")
 
 
@@ -1010,6 +1125,8 @@ class EvalConfig(Section):
     - `batch_size`: prompts decoded together (recorded in the report; tokens/s depends on it).
     - `max_samples`: cap on eval samples per task (null: the whole split).
     - `alpha`: AUP's α in W(y) = min(exp(-α (1 - y / y_max)), 1), the penalty on accuracy below the best row's.
+    - `lm_eval`: standard benchmarks through lm-evaluation-harness on the same rows and decoders, after the
+      report (see `LmEvalConfig`); null: none.
     """
 
     tasks: list[str] | None = None
@@ -1020,6 +1137,7 @@ class EvalConfig(Section):
     batch_size: PositiveInt = 100
     max_samples: PositiveInt | None = None
     alpha: PositiveFloat = 3.0
+    lm_eval: LmEvalConfig | None = None
 
     @model_validator(mode="after")
     def _rows_and_decoders_unique(self) -> EvalConfig:
@@ -1154,12 +1272,16 @@ class StudentConfig(Section):
     - `kind`: `full` (a trainable copy of every teacher weight) or `lora` (the teacher's weights frozen inside the
       student, only LoRA adapters train; `export` can merge them).
     - `lora`: adapter settings when `kind` is `lora`.
+    - `train_vision`: Dimple only: which vision parts of a `full` student train: `none` (default: distillation
+      teaches decoding, not seeing; d3LLM and dParallel train the language model only), `projector` or `all`.
+      LoRA adapters sit on the language model's blocks only, so a `lora` student's vision part is frozen anyway.
 
     The teacher itself is never the student: it stays a separate frozen module outside the optimizer.
     """
 
     kind: Literal["full", "lora"] = "full"
     lora: LoraConfig = LoraConfig()
+    train_vision: Literal["all", "projector", "none"] = "none"
 
 
 class LossTerm(Section):
@@ -1338,6 +1460,20 @@ class Recipe(Section):
                 except ValueError as error:
                     at = f" (sweep value {value})" if decoder.pinned else ""
                     raise ValueError(f"{where}: {error}{at}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _lm_eval_decoders_fit(self) -> Recipe:
+        # `eval.lm_eval.gen_length` replaces every decoder's canvas for the harness's prompts.
+        canvas = self.eval.lm_eval.gen_length if self.eval.lm_eval is not None else None
+        for index, decoder in enumerate(self.eval.all_decoders() if canvas else []):
+            for value, setting in decoder.settings(canvas):
+                try:
+                    setting.check_lengths(canvas)
+                except ValueError as error:
+                    at = f" (sweep value {value})" if decoder.pinned else ""
+                    where = "eval.decoder" if index == 0 else f"eval.decoders.{index - 1}"
+                    raise ValueError(f"eval.lm_eval.gen_length: {where}: {error}{at}") from None
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,8 @@ same checks and lock from here. Everything lands in `run.output_dir`:
     student/             the distilled student (LoRA merged), loads like the teacher
     eval/report.{json,md,html}, eval/report-<task>.png   the AUP report (`eval/report.py` has the JSON schema)
     eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
+    eval/lm_eval/        with `eval.lm_eval`: the lm-evaluation-harness sweeps' AUP report and per-document logs
+                         (`eval/benchmarks.py`), or each row's `results.json`
     export/              the student as a Hugging Face folder that loads without fewstep (`export.out_dir`;
                          `distill/export.py`), verified
     summary.json         stage times, every report point, each model's frontier and the headline ratios
@@ -47,19 +49,21 @@ from distill.ranks import join_ranks
 from distill.recipe import DecoderConfig, EvalDecoderConfig, FileSource, Recipe, RecipeError, dump_recipe
 from distill.trajectories import (
     SET_DIR,
+    attach_images,
     data_hash,
     expected_manifest,
     generate_trajectories,
     load_trajectories,
     training_records,
 )
-from eval.evaluate import sweep_decoder, sweep_status, write_sample_log
+from eval.evaluate import report_row, sweep_decoder, write_sample_log
 from eval.report import aup_lines, frontier_lines, hardware_name, new_report, write_report
 from eval.tasks import read_task_datasets, write_task_datasets
 from eval.userdata import record_location
 from teachers.interface import (
     Teacher,
     backbone_of,
+    load_image_processor,
     load_teacher,
     load_tokenizer,
     mask_token_id_of,
@@ -285,26 +289,13 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
                             "log": str(log),
                         }
                     )
-                status = sweep_status(decoder, gen_length, [(p["knob"], p["tpf"], p["accuracy"]) for p in points])
-                if status["cut_short"]:
-                    print(f"[eval] {row:12s} {task:14s} {decoder.report_name} cut short: {status['cut_short_reason']}")
-                rows_by_task[task].append(
-                    {
-                        "name": row,
-                        "decoder": decoder.report_name,
-                        "decoder_name": decoder.name,
-                        "knob_name": decoder.knob,
-                        # The swept knob varies per point, so it is left out of the shared settings.
-                        "settings": decoder.model_dump(
-                            mode="json", exclude={"label", "sweep"} | ({decoder.knob} if decoder.sweep else set())
-                        ),
-                        "run": recipe.run.name,
-                        "hardware": hardware,
-                        "batch_size": recipe.eval.batch_size,
-                        **status,
-                        "points": points,
-                    }
+                run_name, batch_size = recipe.run.name, recipe.eval.batch_size
+                scored = report_row(
+                    row, decoder, gen_length, points, run=run_name, hardware=hardware, batch_size=batch_size
                 )
+                if scored["cut_short"]:
+                    print(f"[eval] {row:12s} {task:14s} {decoder.report_name} cut short: {scored['cut_short_reason']}")
+                rows_by_task[task].append(scored)
             write_sample_log(sample_logs, out_dir / log)
     report = new_report(
         rows_by_task,
@@ -318,6 +309,17 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
         print(f"[eval] {line}")
     print(f"[eval] report: {out_dir / 'report.md'}")
     return report
+
+
+def benchmark_rows(recipe: Recipe, checkpoints: dict[str, Path], out_dir: Path) -> dict | None:
+    """With `eval.lm_eval`: lm-evaluation-harness on the eval rows with their decoders, into `out_dir`
+    (`eval/benchmarks.py`); None without. `distill run`'s eval stage and `distill eval` end with it."""
+    if recipe.eval.lm_eval is None:
+        return None
+    from eval.benchmarks import run_recipe_lm_eval  # imports lm-eval; only for recipes that use it
+
+    decoders = {row: row_decoders(recipe, row) for row in checkpoints}
+    return run_recipe_lm_eval(recipe, checkpoints, decoders, out_dir)
 
 
 def report_summary(report: dict) -> list[dict]:
@@ -396,12 +398,19 @@ def check_before_work(recipe: Recipe, stages: Sequence[str]) -> dict:
         eval_canvas = max(d.gen_length or recipe.data.max_response_tokens for d in recipe.eval.all_decoders())
         for task in recipe.data.task_names() if trains else []:
             canvas = recipe.data.max_response_tokens
-            records = datasets[task]["train"].to_list()
+            records = list(datasets[task]["train"])
             _refuse_unusable(recipe, task, first_unusable(teacher, records, canvas, positions, canvas))
         for task in eval_tasks:
-            records = datasets[task]["eval"].to_list()[: recipe.eval.max_samples]
+            records = list(datasets[task]["eval"])[: recipe.eval.max_samples]
             _refuse_unusable(recipe, task, first_unusable(teacher, records, eval_canvas, positions))
     _check_earlier_outputs(recipe, stages, datasets, pretrains)
+    if "eval" in stages and recipe.eval.lm_eval is not None:
+        from eval.benchmarks import task_manager  # imports lm-eval; only for recipes that use it
+
+        try:
+            task_manager(recipe.eval.lm_eval)
+        except ValueError as error:
+            raise RecipeError(f"eval.lm_eval.{error}") from None
     return datasets
 
 
@@ -450,7 +459,8 @@ def _tokenizing_teacher(recipe: Recipe, stages: Sequence[str], pretrains: bool) 
         tokenizer = load_tokenizer(teacher_dir, backbone)
         config = backbone.config_class.from_pretrained(teacher_dir)
         positions = getattr(config, "max_position_embeddings", None)
-        return Teacher(None, tokenizer, backbone, mask_token_id_of(config, tokenizer, teacher_dir)), positions
+        mask_id = mask_token_id_of(config, tokenizer, teacher_dir)
+        return Teacher(None, tokenizer, backbone, mask_id, load_image_processor(teacher_dir, backbone)), positions
     needing = [stage for stage in stages if stage in TRAINING_STAGES]
     if "eval" in stages and "teacher" in recipe.eval.rows:
         needing.append("eval")
@@ -632,7 +642,8 @@ def run(recipe: Recipe) -> dict:
                 records = training_records(recipe, datasets)
                 # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
                 manifest = expected_manifest(recipe, teacher_dir, records)
-                records = load_trajectories(out_dir / "trajectories", **manifest).to_list()
+                rows = load_trajectories(out_dir / "trajectories", **manifest).to_list()
+                records = attach_images(rows, records)
             checkpoints["student"] = distill_student(recipe, teacher_dir, records, out_dir)
             stage_seconds["distill"] = time.perf_counter() - began
 
@@ -659,6 +670,7 @@ def run(recipe: Recipe) -> dict:
                         f"{point['teacher_steps']} steps {point['teacher_accuracy']}% vs {point['student']} at "
                         f"{point['student_steps']} steps {point['student_accuracy']}%"
                     )
+            benchmark_rows(recipe, rows, out_dir / "eval" / "lm_eval")
             stage_seconds["eval"] = time.perf_counter() - began
 
         # ---- export -------------------------------------------------------------------------------------------

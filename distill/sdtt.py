@@ -42,6 +42,7 @@ from distill.files import write_json
 from distill.losses import forward_kl, log_prob_mse, mask_tokens, reverse_kl, total_variation
 from distill.recipe import DecoderConfig, TargetsConfig
 from teachers.interface import Teacher, save_teacher
+from teachers.vision import vision_of
 
 TEACHER_STEPS = 2  # SDTT's teacher takes two steps per student step
 SDTT_ROUNDS_DIR = "sdtt-rounds"  # under the distillation phase directory
@@ -88,6 +89,7 @@ def sdtt_targets(
     dt: int | float,
     generator: torch.Generator | None,
     temperature: float = 1.0,
+    vision: dict[str, torch.Tensor] | None = None,
 ) -> SDTTTargets:
     """The teacher's targets for the student's input `x_t` `[B, T]` (masked response positions hold the mask id).
 
@@ -95,7 +97,8 @@ def sdtt_targets(
     `tokens_per_step(response_mask, dt)` masked response positions are committed, ranked as `low_confidence`
     ranks them, with candidate tokens sampled at `temperature` from `generator` (0: greedy). Targets are the
     temperature-1 log-softmax of the aligned logits (the mask token keeps its small mass, so every target is
-    finite); the mask token is never committed, as in the decoding engine.
+    finite); the mask token is never committed, as in the decoding engine. `vision` holds the rows' images
+    (`pixel_values`, `image_grid_thw`), encoded by the teacher's vision tower once for all its steps.
     """
     config = DecoderConfig(name="low_confidence", temperature=temperature)
     count = tokens_per_step(response_mask, dt)
@@ -103,9 +106,13 @@ def sdtt_targets(
     x = x_t.clone()
     unmasked_at = torch.full_like(x_t, -1)
     log_probs = None
+    images = {}
+    if vision:
+        features = teacher.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
+        images = {"image_features": features, "image_grid_thw": vision["image_grid_thw"]}
     for step in range(TEACHER_STEPS):
         masked = (x == teacher.mask_token_id) & response
-        logits = teacher.forward(x, attention_mask).float()
+        logits = teacher.forward(x, attention_mask, **images).float()
         step_log_probs = torch.log_softmax(logits, dim=-1)
         # Positions unmasked at an earlier step keep that step's target; every other position takes this one's.
         keep = (unmasked_at >= 0)[..., None]
@@ -250,8 +257,9 @@ def sdtt_loss_fn(
             current.dt,
             generator,
             config.temperature,
+            vision_of(batch),
         )
-        logits = student.with_model(model).forward(noisy, batch["attention_mask"])
+        logits = student.with_model(model).forward(noisy, batch["attention_mask"], **vision_of(batch))
         loss = sdtt_loss(logits, targets.log_probs, masked, config.divergence)
         metrics = {"sdtt_round": current.round, "sdtt_dt": current.dt, "sdtt_teacher_steps": current.teacher_steps}
         return loss, metrics

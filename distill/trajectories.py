@@ -13,7 +13,10 @@ prompt (the reference implementation's bug).
 Rows (`FEATURES`), one per sample:
     sample_id        the task record's id, unique in a set
     task             task name
-    prompt_ids       `Teacher.encode_prompt(prompt)`
+    prompt_ids       `Teacher.encode_prompt(prompt, images).ids`
+    image_sha256     content hashes (`teachers.vision.image_sha256`) of the prompt's images, in order; the images
+                     stay in the run's task data, where distillation finds them by hash (the manifest's
+                     `data_hash` covers them)
     response_ids     reference answer + EOS (`Teacher.encode_response`)
     teacher_ids      the teacher's final canvas, gen_length ids (EOS after its answer)
     target_ids       what training learns with `order` (`trajectories.tokens`): the reference pad-filled to the
@@ -84,6 +87,7 @@ from distill.recipe import DecoderConfig, Recipe, TrajectoriesConfig
 from eval.tasks import is_correct
 from teachers.interface import Teacher, load_teacher
 from teachers.manifest import check_manifest, sha256_of
+from teachers.vision import image_sha256
 
 FORMAT_VERSION = 1
 SET_DIR, SHARDS_DIR = "trajectories", "trajectories-shards"
@@ -97,6 +101,7 @@ FEATURES = Features(
         "sample_id": Value("string"),
         "task": Value("string"),
         "prompt_ids": _IDS,
+        "image_sha256": Sequence(Value("string")),
         "response_ids": _IDS,
         "teacher_ids": _IDS,
         "target_ids": _IDS,
@@ -143,10 +148,13 @@ def tokenizer_hash(teacher_dir: Path) -> str:
 
 
 def data_hash(records: list[dict]) -> str:
-    """sha256 of the records' ids, prompts and responses, in order."""
+    """sha256 of the records' ids, prompts and responses, and the content hashes of their images, in order."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record["id"], record["prompt"], record["response"]]).encode() + b"\n")
+        identity = [record["id"], record["prompt"], record["response"]]
+        if record.get("images"):
+            identity.append([image_sha256(image) for image in record["images"]])
+        digest.update(json.dumps(identity).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -191,6 +199,27 @@ def training_records(recipe: Recipe, datasets: dict) -> list[dict]:
     return records
 
 
+def attach_images(rows: list[dict], records: list[dict]) -> list[dict]:
+    """Trajectory `rows` with their prompts' images (`images`) looked up by `image_sha256` among `records`' images
+    (the run's task data); a hash that none of them has is a one-line ValueError naming the sample."""
+    wanted = {digest for row in rows for digest in row.get("image_sha256") or ()}
+    if not wanted:
+        return rows
+    found = {}
+    for record in records:
+        for image in record.get("images") or ():
+            found.setdefault(image_sha256(image), image)
+    for row in rows:
+        digests = row.get("image_sha256") or ()
+        missing = next((digest for digest in digests if digest not in found), None)
+        if missing is not None:
+            raise ValueError(
+                f"trajectories: image {missing[:12]} of sample {row['sample_id']} is not in the run's task data"
+            )
+        row["images"] = [found[digest] for digest in digests]
+    return rows
+
+
 def batch_seed(seed: int, temperature: float, sample_ids: list[str]) -> int:
     """Seed of the sampling generator for the samples decoded together: reruns draw the same noise."""
     payload = json.dumps([seed, temperature, sample_ids]).encode()
@@ -214,6 +243,7 @@ def _row(
         "sample_id": record["id"],
         "task": record["task"],
         "prompt_ids": example.prompt,
+        "image_sha256": [image_sha256(image) for image in example.images],
         "response_ids": example.response,
         "teacher_ids": teacher_ids,
         "target_ids": reference if tokens == "reference" else teacher_ids,
@@ -248,7 +278,8 @@ def decode_records(
             if temperature > 0:
                 seed_value = batch_seed(seed, temperature, [records[i]["id"] for i in batch])
                 generator = torch.Generator().manual_seed(seed_value)
-            result = decode(teacher, [examples[i].prompt for i in batch], decoder, gen_length, generator)
+            vision = [teacher.vision_inputs(examples[i].images) if examples[i].images else None for i in batch]
+            result = decode(teacher, [examples[i].prompt for i in batch], decoder, gen_length, generator, vision)
             for index, i in enumerate(batch):
                 rows[i] = _row(teacher, records[i], examples[i], result, index, config.tokens, temperature)
             if attempt == 0:

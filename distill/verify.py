@@ -11,7 +11,9 @@
    even an editable or regular install of fewstep cannot be imported; the child checks that it cannot. It loads
    the folder with `AutoModel` / `AutoTokenizer` and `trust_remote_code=True` (plus the peft adapter, if any),
    computes logits on the reference inputs, encodes the prompts with the chat template and decodes them with
-   `diffusion_generate` at the exported defaults.
+   `diffusion_generate` at the exported defaults. Image prompts (a Dimple run's image task) are built there as a
+   user builds them: the folder's `AutoImageProcessor` gives the patches, and each image's vision block
+   (`<|vision_start|>`, one `<|image_pad|>` per merged patch, `<|vision_end|>`) precedes the question.
 3. Comparisons in this process. Logits against the training-side student's (`Reference`): an fp32 export's
    largest absolute difference must be <= `FP32_ATOL`; a bf16 export's relative error ||diff|| / ||reference||
    (Frobenius norms over every logit) <= `BF16_RTOL`. bf16 keeps 8 bits of mantissa (about 0.4% per rounding)
@@ -75,6 +77,8 @@ class Reference:
     """Fixed inputs and what the training-side student computes on them (`distill.export.reference_outputs`)."""
 
     questions: list[str]  # the prompts as text, before the chat template
+    images: list[list[Any]]  # each prompt's images (PIL), [] for a text prompt
+    vision: list[Any]  # each prompt's `VisionInputs` as fewstep preprocessed them (None for a text prompt)
     prompts: list[list[int]]  # fewstep's prompt ids (`Teacher.encode_prompt`)
     input_ids: torch.Tensor  # [N, T] left-padded prompt + partly masked reference response
     attention_mask: torch.Tensor  # [N, T]
@@ -238,16 +242,37 @@ if job["adapter"]:
 
     model = PeftModel.from_pretrained(model, job["adapter"]).eval()
 outputs = {}
+vision, blocks = {}, [""] * len(job["questions"])
+if any(job["images"]):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(job["folder"])
+    pixel_values, grids = [], []
+    for row, paths in enumerate(job["images"]):
+        if not paths:
+            continue
+        processed = processor(images=[Image.open(path).convert("RGB") for path in paths], return_tensors="pt")
+        pixel_values.append(processed["pixel_values"])
+        grids.append(processed["image_grid_thw"])
+        merge = processor.merge_size ** 2
+        blocks[row] = "".join(
+            "<|vision_start|>" + "<|image_pad|>" * int(n // merge) + "<|vision_end|>"
+            for n in processed["image_grid_thw"].prod(-1)
+        )
+    vision = {"pixel_values": torch.cat(pixel_values), "image_grid_thw": torch.cat(grids)}
 with torch.no_grad():
-    outputs["logits"] = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+    outputs["logits"] = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **vision
+    ).logits.float()
 prompts = []
-for question in job["questions"]:
+for block, question in zip(blocks, job["questions"]):
     encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+        [{"role": "user", "content": block + question}], add_generation_prompt=True, tokenize=True
     )
     prompts.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
 outputs["prompts"] = prompts
-generated = model.diffusion_generate(inputs["prompt_ids"], attention_mask=inputs["prompt_mask"])
+generated = model.diffusion_generate(inputs["prompt_ids"], attention_mask=inputs["prompt_mask"], **vision)
 outputs.update(sequences=generated.sequences, nfe=generated.nfe, order=generated.order)
 torch.save(outputs, job["outputs"])
 print(json.dumps({
@@ -274,7 +299,14 @@ def run_child(folder: Path, reference: Reference, dtype: str, adapter: bool, tim
             "prompt_mask": reference.prompt_mask,
         }
         torch.save(inputs, scratch / "inputs.pt")
+        images = []
+        for row, row_images in enumerate(reference.images):
+            images.append([])
+            for index, image in enumerate(row_images):
+                images[-1].append(str(scratch / f"image-{row}-{index}.png"))
+                image.save(images[-1][-1])  # PNG: lossless, the child reads the same pixels
         job = {
+            "images": images,
             "folder": str(folder.resolve()),
             "adapter": str((folder / ADAPTER_DIR).resolve()) if adapter else None,
             "dtype": dtype,
@@ -328,7 +360,7 @@ def fewstep_decode(folder: Path, provenance: dict, reference: Reference, adapter
 
         teacher = teacher.with_model(PeftModel.from_pretrained(teacher.model, folder / ADAPTER_DIR).eval())
     decoder = DecoderConfig.model_validate(provenance["decoder"])
-    return decode(teacher, reference.prompts, decoder, decoder.gen_length), decoder
+    return decode(teacher, reference.prompts, decoder, decoder.gen_length, vision=reference.vision), decoder
 
 
 def verify_export(folder: Path, reference: Reference, *, timeout: int = 900) -> dict[str, Any]:
@@ -374,6 +406,7 @@ def verify_export(folder: Path, reference: Reference, *, timeout: int = 900) -> 
     response = outputs["sequences"][:, reference.prompt_ids.shape[1] :]
     result["decode"] = {
         "prompts": len(reference.prompts),
+        "image_prompts": sum(bool(images) for images in reference.images),
         "decoder": decoder.model_dump(mode="json"),
         "tokens_equal": torch.equal(response, expected.tokens),
         "nfe_equal": torch.equal(outputs["nfe"], expected.nfe),
@@ -396,4 +429,6 @@ def summary_line(result: dict[str, Any]) -> str:
     line = f"logits {logits['measure']} {logits[logits['measure']]:.2e} <= {logits['tolerance']:.0e}"
     if "prompts" in result["decode"]:
         line += f", diffusion_generate == fewstep's decoder on {result['decode']['prompts']} prompts"
+        if result["decode"].get("image_prompts"):
+            line += f" ({result['decode']['image_prompts']} with images)"
     return line

@@ -22,16 +22,18 @@ from distill.files import write_json
 from distill.recipe import DecoderConfig, Recipe
 from eval.report import hardware_name, library_versions
 from eval.tasks import build_task_datasets, is_correct
-from teachers.interface import Teacher, load_teacher
+from teachers.interface import Prompt, Teacher, load_teacher
 
 
-def _decode_all(teacher: Teacher, prompts: list[list[int]], config: DecoderConfig, gen_length: int, batch_size: int):
+def _decode_all(teacher: Teacher, prompts: list[Prompt], config: DecoderConfig, gen_length: int, batch_size: int):
     """Decode every prompt in batches; returns (seconds, outputs, total NFE, total generated tokens)."""
     generator = torch.Generator().manual_seed(0)
     outputs, nfe, generated = [], 0, 0
     start = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
-        result = decode(teacher, prompts[first : first + batch_size], config, gen_length, generator)
+        chunk = prompts[first : first + batch_size]
+        vision = [prompt.vision for prompt in chunk]
+        result = decode(teacher, [prompt.ids for prompt in chunk], config, gen_length, generator, vision)
         outputs += [teacher.decode_response(row.tolist()) for row in result.tokens]
         nfe += int(result.nfe.sum())
         generated += int(result.generated.sum())
@@ -46,7 +48,7 @@ def bench_decoders(
     repeats: int,
 ) -> list[dict]:
     """Time each `(label, decoder, gen_length)` with every cache mode; one result dict per (decoder, cache)."""
-    prompts = [teacher.encode_prompt(record["prompt"]) for record in records]
+    prompts = [teacher.encode_prompt(record["prompt"], record.get("images") or ()) for record in records]
     cases = []
     for label, config, gen_length in settings:
         blocks = gen_length // (config.block_length or gen_length)
@@ -118,7 +120,8 @@ def run_decode_bench(
         "task": task,
         "checkpoint": str(checkpoint),
         "causal": bool(getattr(teacher.model.config, "causal", False)),
-        "prompt_tokens_mean": sum(len(teacher.encode_prompt(r["prompt"])) for r in records) / len(records),
+        "prompt_tokens_mean": sum(len(teacher.encode_prompt(r["prompt"], r.get("images") or ()).ids) for r in records)
+        / len(records),
         "versions": library_versions(),
         "results": results,
     }

@@ -4,8 +4,9 @@
 long answers weigh more, as in d3LLM's reports), tokens/s (wall time of the decode calls, prompt encoding
 included) at the given batch size, and one log line per sample (prompt, output, answer, correct, nfe, generated
 tokens). `sweep_decoder` evaluates a decoder at each value of its knob (an `auto` sweep stops once accuracy has
-fallen past AUP's cut-off) and `sweep_status` says whether the curve is complete or cut short. The report is
-built on them in `distill/run.py:evaluate_rows` and `eval/report.py`.
+fallen past AUP's cut-off) and `sweep_status` says whether the curve is complete or cut short; `report_row` makes a
+report row of a swept curve. The report is built on them in `distill/run.py:evaluate_rows`, `eval/benchmarks.py`
+(the lm-eval sweeps) and `eval/report.py`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def evaluate_records(
     start = time.perf_counter()
     for first in range(0, len(records), batch_size):
         chunk = records[first : first + batch_size]
-        result = decode(teacher, [teacher.encode_prompt(r["prompt"]) for r in chunk], decoder, gen_length, generator)
+        prompts = [teacher.encode_prompt(r["prompt"], r.get("images") or ()) for r in chunk]
+        vision = [prompt.vision for prompt in prompts]
+        result = decode(teacher, [prompt.ids for prompt in prompts], decoder, gen_length, generator, vision)
         for index, record in enumerate(chunk):
             output = teacher.decode_response(result.tokens[index].tolist())
             logs.append(
@@ -149,6 +152,36 @@ def sweep_status(decoder: EvalDecoderConfig, gen_length: int, points: list[tuple
         "one_token_knob": one_token,
         "cut_short": reason is not None,
         "cut_short_reason": reason,
+    }
+
+
+def report_row(
+    name: str,
+    decoder: EvalDecoderConfig,
+    gen_length: int,
+    points: list[dict],
+    *,
+    run: str,
+    hardware: str,
+    batch_size: int,
+) -> dict:
+    """One model's row of the AUP report (`eval/report.py`'s schema, without `aup`) for one decoder: its measured
+    `points` (`knob`, `tpf`, `accuracy`, ...) and how far its sweep went (`sweep_status`)."""
+    status = sweep_status(decoder, gen_length, [(point["knob"], point["tpf"], point["accuracy"]) for point in points])
+    return {
+        "name": name,
+        "decoder": decoder.report_name,
+        "decoder_name": decoder.name,
+        "knob_name": decoder.knob,
+        # The swept knob varies per point, so it is left out of the shared settings.
+        "settings": decoder.model_dump(
+            mode="json", exclude={"label", "sweep"} | ({decoder.knob} if decoder.sweep else set())
+        ),
+        "run": run,
+        "hardware": hardware,
+        "batch_size": batch_size,
+        **status,
+        "points": points,
     }
 
 

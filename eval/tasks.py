@@ -1,12 +1,21 @@
 """Verifiable tasks: seeded generators, answer extraction, exact-match scoring and `datasets` storage.
 
-Every record is a dict with exactly the keys of `COLUMNS`: `id` (`<task>-<sha1(prompt)[:12]>`), `task`, `prompt`
-(the raw question; the chat format is applied elsewhere), `response` (the reference text the model learns to
-produce, always ending in `#### <answer>`) and `answer` (the final answer string that scoring compares).
+Every record is a dict with the keys of `COLUMNS`: `id` (`<task>-<sha1(key)[:12]>`, see `record_key`), `task`,
+`prompt` (the raw question; the chat format, image tokens included, is applied elsewhere), `response` (the
+reference text the model learns to produce, always ending in `#### <answer>`) and `answer` (the final answer
+string that scoring compares). A record with images (Dimple's prompts: `colour_digits`, user rows with images)
+has one more key, `images`: a non-empty list of PIL images, each checked by `teachers.vision.check_image`, in the
+order the prompt shows them. A text record has no `images` key; readers take `record.get("images") or []`.
+
+Stored (`records_to_dataset`), a dataset has an `images` column only when its source carries images: a list of
+`datasets.Image()`, PNG bytes in Arrow (TIFF for the modes PNG cannot hold), and text rows of such a dataset read
+back as `[]`. Text-only datasets keep exactly the five string columns. Indexing and iterating a stored dataset
+give PIL images back; `Dataset.to_list()` does not decode (it gives `{"bytes", "path"}` dicts), so records are
+read with `list(dataset)` or `dataset[i]`.
 
 Response formats are deliberately short, because a tiny character-level model trains on them on CPU (with the
-default task configs every response but `chain_arithmetic`'s is at most 31 characters, so response + EOS fits a
-32-token canvas):
+default task configs every response but `chain_arithmetic`'s and `colour_digits`'s is at most 31 characters, so
+response + EOS fits a 32-token canvas):
 
 - `addition`: prompt `347+285=`, response `C:0110 #### 0632`, answer `632`. Everything is fixed-width so that
   every column sits at a fixed offset (a tiny model then learns the digit alignment quickly instead of having to
@@ -35,14 +44,22 @@ default task configs every response but `chain_arithmetic`'s is at most 31 chara
   bag sizes, products and counts stay in min_value..max_value (default 10..99: two digits each); bag counts are
   2..9.
 - `sorting`: prompt `sort 5 3 9 1`, response `#### 1 3 5 9`, answer `1 3 5 9` (ascending, duplicates kept).
+- `colour_digits` (visual): one image of rows x cols 28-px cells, a digit in a palette colour in each
+  (`eval/images.py`); prompt `Add the red digits.`, response `red: 3 5 7\n3+5=8\n8+7=15\n#### 15`, answer `15`: the
+  asked colour's digits in reading order, then one running sum per line (`red: 4\n#### 4` for a single digit);
+  with `fixed_width` every sum has the width of the largest possible one (`3+5=08\n08+7=15\n#### 15`).
+  At the defaults (2x3 grid, red and blue, at most 3 asked digits) a response is at most 34 characters, so it
+  needs a 40-token canvas.
 
-Train and eval are disjoint by prompt: a prompt belongs to eval iff `int(sha1(prompt), 16) % 10 == 0`, so a split
-is filled by walking one seeded stream of candidates and keeping the unique prompts that hash into it.
+Train and eval are disjoint by record key (the prompt, and the content hashes of its images: a visual task's
+question text repeats): a record belongs to eval iff `int(sha1(key), 16) % 10 == 0`, so a split is filled by
+walking one seeded stream of candidates and keeping the unique keys that hash into it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -56,6 +73,8 @@ from datasets import (
     Dataset,
     DatasetDict,
     Features,
+    Image,
+    List,
     Value,
     are_progress_bars_disabled,
     disable_progress_bars,
@@ -67,16 +86,22 @@ from distill.recipe import (
     AddendsTask,
     AdditionTask,
     ChainArithmeticTask,
+    ColourDigitsTask,
     DataConfig,
     FileSource,
     SortingTask,
     WordProblemsTask,
 )
+from eval.images import digit_grid
+from teachers.vision import check_image, image_sha256
 
-TaskConfig = AdditionTask | AddendsTask | WordProblemsTask | ChainArithmeticTask | SortingTask
+TaskConfig = AdditionTask | AddendsTask | WordProblemsTask | ChainArithmeticTask | SortingTask | ColourDigitsTask
 
 COLUMNS = ("id", "task", "prompt", "response", "answer")
 FEATURES = Features({column: Value("string") for column in COLUMNS})
+IMAGES = "images"  # the column (and record key) of a record's images, present only where there are images
+IMAGE_FEATURES = Features({**FEATURES, IMAGES: List(Image())})
+IMAGE_TASKS = ("colour_digits",)  # built-in tasks whose records carry images
 SPLITS = ("train", "eval")
 ANSWER_MARKER = "####"
 FINGERPRINT_FILE = "fewstep_data.json"
@@ -139,25 +164,57 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def make_record(task: str, prompt: str, response: str, answer: str, record_id: str | None = None) -> dict:
-    """A record with exactly the keys of `COLUMNS`; the id defaults to `<task>-<sha1(prompt)[:12]>`."""
-    return {
-        "id": record_id or f"{task}-{_sha1(prompt)[:12]}",
+def record_key(prompt: str, images: list | tuple = ()) -> str:
+    """What names a record's question: its prompt, then its images' content hashes one per line (the prompt alone
+    for a text record). Ids, dedupe and the train/eval split use it."""
+    return "\n".join([prompt, *(image_sha256(image) for image in images)])
+
+
+def make_record(
+    task: str, prompt: str, response: str, answer: str, record_id: str | None = None, images: list | tuple = ()
+) -> dict:
+    """A record with the keys of `COLUMNS`, plus `images` when there are any; the id defaults to
+    `<task>-<sha1(record_key(prompt, images))[:12]>`."""
+    record = {
+        "id": record_id or f"{task}-{_sha1(record_key(prompt, images))[:12]}",
         "task": task,
         "prompt": prompt,
         "response": response,
         "answer": answer,
     }
+    if images:
+        record[IMAGES] = list(images)
+    return record
 
 
-def records_to_dataset(records: list[dict]) -> Dataset:
-    """A `Dataset` with the record schema (all string columns); an empty list gives an empty dataset."""
-    return Dataset.from_dict({column: [record[column] for record in records] for column in COLUMNS}, features=FEATURES)
+def records_to_dataset(records: list[dict], images: bool = False) -> Dataset:
+    """A `Dataset` with the record schema (five string columns); an empty list gives an empty dataset. With
+    `images`, or when a record carries images, it also has the `images` column (text rows hold `[]`)."""
+    columns = {column: [record[column] for record in records] for column in COLUMNS}
+    if not (images or any(record.get(IMAGES) for record in records)):
+        return Dataset.from_dict(columns, features=FEATURES)
+    columns[IMAGES] = [[_stored_image(image) for image in record.get(IMAGES) or ()] for record in records]
+    return Dataset.from_dict(columns, features=IMAGE_FEATURES)
 
 
-def split_of(prompt: str) -> str:
-    """The split a prompt belongs to: `eval` for one prompt hash in ten, else `train`."""
-    return "eval" if int(_sha1(prompt), 16) % 10 == 0 else "train"
+# The modes neither PNG nor TIFF can hold, stored as the plain mode they stand for (premultiplied alpha; padding).
+_STORED_MODES = {"La": "LA", "RGBa": "RGBA", "RGBX": "RGB"}
+
+
+def _stored_image(image) -> dict:
+    # Encoded here rather than by `datasets`, which keeps a file's path instead of its pixels and re-encodes a
+    # JPEG as JPEG (lossy): PNG is lossless, so a stored image has the `image_sha256` it had in memory.
+    if image.mode in _STORED_MODES:
+        image = image.convert(_STORED_MODES[image.mode])
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if image.mode in ("PA", "CMYK", "YCbCr") else "PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def split_of(key: str) -> str:
+    """The split a record key (`record_key`; a text record's is its prompt) belongs to: `eval` for one hash in
+    ten, else `train`."""
+    return "eval" if int(_sha1(key), 16) % 10 == 0 else "train"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,20 +362,49 @@ def _draw_sorting(config: SortingTask, rng: random.Random) -> tuple[str, str, st
     return "sort " + " ".join(str(value) for value in values), f"{ANSWER_MARKER} {answer}", answer
 
 
-_GENERATORS: dict[str, Callable[..., tuple[str, str, str]]] = {
+def _draw_colour_digits(config: ColourDigitsTask, rng: random.Random) -> tuple[str, str, str, list]:
+    cells = config.rows * config.cols
+    asked = rng.choice(config.colours)
+    others = [colour for colour in config.colours if colour != asked]
+    # The asked colour's count is drawn first (not left to per-cell draws) so that every grid has at least one of
+    # its digits and no more than max_asked, which bounds the response's length.
+    asked_cells = set(rng.sample(range(cells), rng.randint(config.min_asked, config.max_asked)))
+    colours = [asked if cell in asked_cells else rng.choice(others) for cell in range(cells)]
+    digits = [rng.randint(0, 9) for _ in range(cells)]
+    read = [digit for digit, colour in zip(digits, colours, strict=True) if colour == asked]
+    width = len(str(9 * config.max_asked)) if config.fixed_width else 1  # digits of the largest possible sum
+
+    def number(value: int) -> str:
+        return f"{value:0{width}d}"
+
+    lines = [f"{asked}: {' '.join(map(str, read))}"]
+    total = read[0]
+    for digit in read[1:]:
+        # The first addend is a digit read from the image, written as read; running sums are padded.
+        lines.append(f"{total if len(lines) == 1 else number(total)}+{digit}={number(total + digit)}")
+        total += digit
+    lines.append(f"{ANSWER_MARKER} {number(total)}")
+    image = check_image(digit_grid(digits, colours, config.cols), config.name)  # as every image entering fewstep
+    return f"Add the {asked} digits.", "\n".join(lines), str(total), [image]
+
+
+# Each returns (prompt, response, answer), and a visual task's also the prompt's images.
+_GENERATORS: dict[str, Callable[..., tuple]] = {
     "addition": _draw_addition,
     "addends": _draw_addends,
     "word_problems": _draw_word_problem,
     "chain_arithmetic": _draw_chain_arithmetic,
     "sorting": _draw_sorting,
+    "colour_digits": _draw_colour_digits,
 }
 
 
 def generate(task_config: TaskConfig, split: str, seed: int) -> list[dict]:
     """`train_size` (split `train`) or `eval_size` (split `eval`) unique records of a built-in task.
 
-    Candidates come from `random.Random(seed)`; those whose prompt hashes into the other split or repeats one
-    already kept are skipped, so the same seed gives identical records and train and eval never share a prompt.
+    Candidates come from `random.Random(seed)`; those whose key (`record_key`: the prompt and its images) hashes
+    into the other split or repeats one already kept are skipped, so the same seed gives identical records and
+    train and eval never share a question.
     Raises ValueError when the task's problem space cannot fill the split within a bounded number of draws.
     """
     if split not in SPLITS:
@@ -340,11 +426,13 @@ def generate(task_config: TaskConfig, split: str, seed: int) -> list[dict]:
                 f"the problem space is too small, widen the task's ranges or lower the sizes"
             )
         draws += 1
-        prompt, response, answer = draw(task_config, rng)
-        if prompt in seen or split_of(prompt) != split:
+        prompt, response, answer, *drawn_images = draw(task_config, rng)
+        images = drawn_images[0] if drawn_images else []
+        key = record_key(prompt, images)
+        if key in seen or split_of(key) != split:
             continue
-        seen.add(prompt)
-        records.append(make_record(task_config.name, prompt, response, answer))
+        seen.add(key)
+        records.append(make_record(task_config.name, prompt, response, answer, images=images))
     return records
 
 
@@ -370,8 +458,14 @@ def _file_digest(path: Path | None) -> str | None:
 def _fingerprint(source: TaskConfig | FileSource, seed: int) -> str:
     payload: dict = {"config": source.model_dump(mode="json"), "seed": seed, "version": DATA_FORMAT_VERSION}
     if isinstance(source, FileSource):
+        # Imported here because userdata imports this module for the record schema and answer extraction.
+        from eval.userdata import image_files
+
         # The config names the files, not their contents; an edited file must not be served from a stale copy.
         payload["contents"] = [_file_digest(source.train_path), _file_digest(source.eval_path)]
+        # Nor an edited image a row names by path. Absent for text-only files, so their fingerprints are as before.
+        if (images := image_files(source)) is not None:
+            payload["images"] = [_file_digest(path) for path in images]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -432,7 +526,8 @@ def read_task_datasets(data_config: DataConfig, seed: int, out_dir: Path) -> dic
             datasets[source.name] = load_file_source(source)
         else:
             task_seed = _task_seed(seed, source.name)
-            splits = {split: records_to_dataset(generate(source, split, task_seed)) for split in SPLITS}
+            images = source.name in IMAGE_TASKS  # an empty split keeps the image column too
+            splits = {split: records_to_dataset(generate(source, split, task_seed), images) for split in SPLITS}
             datasets[source.name] = DatasetDict(splits)
     return datasets
 

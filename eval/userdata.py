@@ -14,6 +14,15 @@ JSON array of rows) or parquet (`.parquet`), with rows in one of two formats:
 unsupported extension, a gsm8k answer without `####`) raises ValueError with a one-line message naming the file
 and, where there is one, the 1-based line (JSON lines) or row (parquet). `record_location` finds the line of a
 record again, for errors found later (a character the tokenizer cannot encode, a prompt too long for the model).
+
+Rows of either format may carry images (Dimple's prompts), shown to the model in order before the prompt text:
+`image` (one) or `images` (a list; not both). In JSON an image is a path, relative to the data file's folder;
+in parquet it may also be the image's bytes or a `{"bytes": ..., "path": ...}` struct as `datasets` writes it
+(bytes first, else the path). Each is opened and checked once here (`teachers.vision.open_image`): a missing,
+unreadable, truncated, zero-size or 16-bit/float image is an `ImageError` naming the file, the row and the image.
+A prompt or response holding a vision token (`<|image_pad|>`, ...) is refused too: fewstep's chat formatting
+places the image tokens, so a hand-written one would be image tokens without an image. Ids then also cover the
+images' content hashes, and `image_files` lists the files rows name, for the stored data's fingerprint.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import pyarrow.parquet
 from datasets import DatasetDict
 
 from distill.recipe import FileSource
-from eval.tasks import ANSWER_MARKER, extract_answer, make_record, records_to_dataset
+from eval.tasks import ANSWER_MARKER, IMAGES, extract_answer, make_record, records_to_dataset
+from teachers.vision import VISION_TOKENS, image_sha256, open_image
 
 FORMAT_COLUMNS = {"gsm8k": ("question", "answer"), "prompt_response": ("prompt", "response")}
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -44,11 +54,32 @@ def load_file_source(source: FileSource) -> DatasetDict:
     appended to repeats so they stay unique across both splits.
     """
     id_counts: Counter[str] = Counter()
-    splits = {}
+    records = {}
     for split, path in (("train", source.train_path), ("eval", source.eval_path)):
-        records = [] if path is None else _records_from_file(source, Path(path), id_counts)
-        splits[split] = records_to_dataset(records)
-    return DatasetDict(splits)
+        records[split] = [] if path is None else _records_from_file(source, Path(path), id_counts)
+    # Both splits get the image column when either has images, so the two have one schema.
+    images = any(record.get(IMAGES) for split_records in records.values() for record in split_records)
+    return DatasetDict({split: records_to_dataset(split_records, images) for split, split_records in records.items()})
+
+
+def image_files(source: FileSource) -> list[Path] | None:
+    """The image files the rows of `source`'s files name by path, in order (images given as bytes live in the data
+    file itself); None when no row carries an image. A file or row that cannot be read is skipped: loading it
+    reports the problem."""
+    paths, any_images = [], False
+    for data_path in (source.train_path, source.eval_path):
+        try:
+            rows = [] if data_path is None else _read_rows(Path(data_path))
+        except ValueError:
+            continue
+        for where, row in rows:
+            try:
+                items = [item for _, item in _image_sources(Path(data_path), where, row)]
+            except ValueError:
+                continue
+            any_images = any_images or bool(items)
+            paths += [item for item in items if isinstance(item, Path)]
+    return paths if any_images else None
 
 
 def record_location(source: FileSource, record_id: str) -> str:
@@ -76,11 +107,13 @@ def _located_records(source: FileSource, path: Path, id_counts: Counter[str]) ->
     records = []
     for where, row in rows:
         prompt, response, answer = _convert_row(path, where, row, data_format)
-        digest = hashlib.sha1(f"{prompt}\0{response}".encode()).hexdigest()
-        base_id = f"{source.name}-{digest[:12]}"
+        images = [open_image(item, f"{path}: {where}: {label}") for label, item in _image_sources(path, where, row)]
+        key = "\0".join([prompt, response, *(image_sha256(image) for image in images)])
+        base_id = f"{source.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         id_counts[base_id] += 1
         record_id = base_id if id_counts[base_id] == 1 else f"{base_id}-{id_counts[base_id]}"
-        records.append((where, make_record(source.name, prompt, response, answer, record_id=record_id)))
+        record = make_record(source.name, prompt, response, answer, record_id=record_id, images=images)
+        records.append((where, record))
     return records
 
 
@@ -103,6 +136,12 @@ def _convert_row(path: Path, where: str, row: dict, data_format: str) -> tuple[s
         if not isinstance(row[column], str):
             kind = type(row[column]).__name__
             raise ValueError(f"{path}: {where}: column '{column}' must be a string, got {kind}")
+        token = next((token for token in VISION_TOKENS if token in row[column]), None)
+        if token is not None:
+            raise ValueError(
+                f"{path}: {where}: column '{column}' holds the vision token '{token}'; fewstep's chat formatting "
+                f"places image tokens, give the image in an 'image' or 'images' column instead"
+            )
         values.append(row[column])
     prompt, text = values
     if data_format == "prompt_response":
@@ -113,6 +152,30 @@ def _convert_row(path: Path, where: str, row: dict, data_format: str) -> tuple[s
     if not answer:
         raise ValueError(f"{path}: {where}: gsm8k answer is empty after '{ANSWER_MARKER}'")
     return prompt, _CALCULATOR_ANNOTATION.sub("", text), answer
+
+
+def _image_sources(path: Path, where: str, row: dict) -> list[tuple[str, Path | bytes]]:
+    """(label, source) of each image `row` carries: a path resolved against the data file's folder, or encoded
+    bytes; the label (`image`, `image 2 (pics/b.png)`) names it in error messages."""
+    single, many = row.get("image"), row.get(IMAGES)
+    if single is not None and many is not None:
+        raise ValueError(f"{path}: {where}: give 'image' or 'images', not both")
+    if many is not None and not isinstance(many, list):
+        raise ValueError(f"{path}: {where}: column 'images' must be a list of images, got {type(many).__name__}")
+    items = [single] if single is not None else many or []
+    sources = []
+    for number, item in enumerate(items, start=1):
+        label = "image" if single is not None else f"image {number}"
+        if isinstance(item, dict):  # a `datasets` Image struct: the bytes when it has them, else its path
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, bytes):
+            sources.append((label, item))
+        elif isinstance(item, str) and item:
+            sources.append((f"{label} ({item})", path.parent / item))
+        else:
+            kind = "an empty path" if item == "" else type(item).__name__
+            raise ValueError(f"{path}: {where}: {label}: expected an image path or image bytes, got {kind}")
+    return sources
 
 
 def _read_rows(path: Path) -> list[tuple[str, dict]]:

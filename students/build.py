@@ -25,6 +25,20 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Dimple's vision parts that stay frozen under each `train_vision` setting.
+FROZEN_VISION = {"all": (), "projector": ("visual",), "none": ("visual", "img_projector")}
+
+
+def set_vision_training(model: torch.nn.Module, train_vision: str) -> torch.nn.Module:
+    """Freeze the vision parts of a Dimple model that `train_vision` (`all`, `projector`, `none`) keeps fixed; a
+    model without them is returned as is."""
+    for name in FROZEN_VISION[train_vision]:
+        module = getattr(model, name, None)
+        for parameter in module.parameters() if module is not None else ():
+            parameter.requires_grad_(False)
+    return model
+
+
 def build_student(teacher: Teacher, config: StudentConfig) -> torch.nn.Module:
     """A trainable student initialised from the teacher's weights, per `student.kind`."""
     student = copy.deepcopy(teacher.model)
@@ -32,7 +46,7 @@ def build_student(teacher: Teacher, config: StudentConfig) -> torch.nn.Module:
     if config.kind == "full":
         for parameter in student.parameters():
             parameter.requires_grad_(True)
-        return student
+        return set_vision_training(student, config.train_vision)
     targets = config.lora.target_modules
     if targets is not None:
         present = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}

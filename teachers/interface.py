@@ -11,7 +11,13 @@ the mask id (config, else tokenizer), the end-of-turn token that closes an assis
 `Teacher.forward` returns aligned logits (position i scores token i), for the positions from `start` on only;
 `Teacher.prefill` encodes a prompt once for a prefix KV cache (`teachers.backbones.diffusion_generation` holds both
 rules, shared with the exported `diffusion_generate`). Extra model inputs (Dimple's `pixel_values`,
-`image_grid_thw`) pass through untouched.
+`image_grid_thw`, `image_features`) pass through untouched.
+
+Image prompts (Dimple): `Teacher.encode_prompt(question, images)` is the one place a prompt with images becomes
+model inputs, for training and decoding alike: the checkpoint's Qwen2-VL image processor gives the patches and
+their grid, and the chat content starts with one vision block per image, `<|vision_start|>` + one `<|image_pad|>`
+per merged patch + `<|vision_end|>`, as Qwen2-VL's chat template places an image before the text.
+`Teacher.vision_inputs(images)` is its image half, for batches that keep only the images and the ids.
 
 The embedded teacher is a tiny instance of these same classes (`new_teacher`), with the character tokenizer.
 """
@@ -20,13 +26,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from transformers import (
     AutoTokenizer,
@@ -48,6 +55,7 @@ from teachers.backbones import (
 from teachers.backbones.diffusion_generation import PrefixCache, aligned_logits, prefill
 from teachers.manifest import check_manifest, write_manifest
 from teachers.tokenizer import build_char_tokenizer
+from teachers.vision import IMAGE_PAD, VISION_END, VISION_START, VISION_TOKENS, VisionInputs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -151,13 +159,20 @@ BACKBONES: dict[str, Backbone] = {
         model_class=DimpleModel,
         lora_targets=_QWEN_LINEAR,  # the language model's blocks; the vision tower stays as published
         chat_template=CHATML_TEMPLATE,
-        chat_tokens=("<|im_start|>", "<|im_end|>")
-        + ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
+        chat_tokens=("<|im_start|>", "<|im_end|>") + VISION_TOKENS,
         images=True,
         tiny_extras=tiny_dimple_extras,
     ),
 }
 BACKBONE_OF_MODEL_TYPE = {backbone.model_type: backbone for backbone in BACKBONES.values()}
+
+
+@dataclass
+class Prompt:
+    """A prompt as the model takes it: ids in the chat format, and its images' vision inputs (None: text only)."""
+
+    ids: list[int]
+    vision: VisionInputs | None = None
 
 
 class Teacher:
@@ -210,9 +225,36 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode_prompt(self, question: str) -> list[int]:
-        """Prompt ids in the model's chat format, ending where the assistant's answer starts."""
-        return chat_ids(self.tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    def encode_prompt(self, question: str, images: Sequence[Image.Image] = ()) -> Prompt:
+        """The prompt in the model's chat format, ending where the assistant's answer starts, with its images.
+
+        Vision tokens are placed here only: a question that holds one as text (image tokens without an image)
+        is a ValueError, as are images for a teacher without a vision tower.
+        """
+        if self.backbone.images:
+            written = next((token for token in VISION_TOKENS if token in question), None)
+            if written is not None:
+                raise ValueError(f"the prompt holds {written} as text; image tokens are placed for the record's images")
+        vision, content = None, question
+        if images:
+            vision = self.vision_inputs(images)
+            merge = self.image_processor.merge_size**2
+            pads = (vision.image_grid_thw.prod(-1) // merge).tolist()
+            content = "".join(VISION_START + IMAGE_PAD * count + VISION_END for count in pads) + question
+        ids = chat_ids(self.tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+        return Prompt(ids, vision)
+
+    def vision_inputs(self, images: Sequence[Image.Image]) -> VisionInputs:
+        """Qwen2-VL patches and grids of a prompt's images (the checkpoint's image processor)."""
+        if not self.backbone.images or self.image_processor is None:
+            raise ValueError(f"teacher '{self.name}' takes no images (it has no vision tower or image processor)")
+        processed = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        return VisionInputs(processed["pixel_values"], processed["image_grid_thw"])
+
+    def row_images(self, prompt_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """The batch's images encoded once, per row (`DimpleModel.row_images`), for the decoding loop."""
+        model = getattr(self.model, "module", self.model)  # a DeepSpeed engine wraps the model
+        return model.row_images(prompt_ids, pixel_values, image_grid_thw)
 
     def encode_response(self, answer: str) -> list[int]:
         """Answer ids followed by the end-of-turn token (what the model must produce after the prompt)."""
@@ -324,6 +366,15 @@ def load_tokenizer(path: Path, backbone: Backbone) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_image_processor(path: Path, backbone: Backbone) -> Qwen2VLImageProcessorPil | None:
+    """The checkpoint's image processor for a backbone that takes images, None otherwise (or when it has none)."""
+    if not backbone.images or not (Path(path) / "preprocessor_config.json").is_file():
+        return None
+    # The published folder names Dimple's remote processor class; its settings are Qwen2-VL's, which
+    # transformers' PIL implementation reads as they are (no torchvision needed).
+    return Qwen2VLImageProcessorPil.from_pretrained(path)
+
+
 def load_teacher(name: str | None, path: Path, dtype: str = "fp32") -> Teacher:
     """Load a checkpoint folder (published or fewstep-written) with fewstep's native class for its backbone.
 
@@ -347,11 +398,7 @@ def load_teacher(name: str | None, path: Path, dtype: str = "fp32") -> Teacher:
         kind, names = next(iter(wrong.items()))
         raise ValueError(f"{path}: weights do not match the {backbone.name} layout ({kind}: {sorted(names)[:3]})")
     tokenizer = load_tokenizer(path, backbone)
-    image_processor = None
-    if backbone.images and (path / "preprocessor_config.json").is_file():
-        # The published folder names Dimple's remote processor class; its settings are Qwen2-VL's, which
-        # transformers' PIL implementation reads as they are (no torchvision needed).
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    image_processor = load_image_processor(path, backbone)
     mask_id = mask_token_id_of(model.config, tokenizer, path)
     return Teacher(model.eval(), tokenizer, backbone, mask_id, image_processor)
 
@@ -367,7 +414,8 @@ def new_teacher(backbone: str, sizes: dict[str, Any], published_chat: bool = Fal
     if published_chat:
         tokenizer = build_char_tokenizer(extra_special_tokens=family.chat_tokens, chat_template=family.chat_template)
     else:
-        tokenizer = build_char_tokenizer()
+        # The compact format still needs the vision tokens for image prompts.
+        tokenizer = build_char_tokenizer(extra_special_tokens=VISION_TOKENS if family.images else ())
     model = family.model_class(family.tiny_config(tokenizer, sizes))
     # Qwen2-VL's preprocessing (CLIP normalisation, 14-pixel patches merged 2x2), as Dimple's checkpoint sets it.
     image_processor = Qwen2VLImageProcessorPil() if family.images else None

@@ -119,6 +119,29 @@ SETTING_NAMES = tuple(item.name for item in fields(DecodeSettings))
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw")  # prompt inputs `diffusion_generate` hands to the model
 
 
+@dataclass
+class RowImages:
+    """The prompts' images, encoded once per decode (Dimple's `row_images`) and kept per batch row.
+
+    The loop drops rows as samples finish; `inputs(rows)` gives the model inputs of the rows still decoding, so a
+    forward gets exactly its rows' image features and the vision tower runs once per sample, not once per forward.
+    """
+
+    features: list[torch.Tensor]  # per row: [its image tokens, hidden] LM-space features ([0, hidden]: no image)
+    grids: list[torch.Tensor]  # per row: [its images, 3] patch grids
+
+    def inputs(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`image_features` and `image_grid_thw` of `rows`, in row order; {} when none of them has an image."""
+        picked = rows.tolist()
+        grids = [self.grids[row] for row in picked]
+        if not any(len(grid) for grid in grids):
+            return {}
+        return {
+            "image_features": torch.cat([self.features[row] for row in picked]),
+            "image_grid_thw": torch.cat(grids),
+        }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Aligned logits and the prefix cache (the shifted head of Dream/Dimple hidden here, once)
 
@@ -420,8 +443,8 @@ class Decoded:
     generated: torch.Tensor  # [B] response tokens before the first end token, pinned tokens excluded
 
 
-# forward(ids, mask, start, cache, **prompt_inputs) -> aligned logits [b, T - start, V];
-# prefill(ids, mask, **prompt_inputs) -> PrefixCache
+# forward(ids, mask, start, cache, **image_inputs) -> aligned logits [b, T - start, V];
+# prefill(ids, mask, **image_inputs) -> PrefixCache
 Forward = Callable[[torch.Tensor, torch.Tensor, int, PrefixCache | None], torch.Tensor]
 Prefill = Callable[[torch.Tensor, torch.Tensor], PrefixCache]
 
@@ -436,14 +459,13 @@ def generate(
     mask_id: int,
     end_id: int,
     generator: torch.Generator | None = None,
-    prompt_inputs: dict[str, torch.Tensor] | None = None,
+    prompt_images: RowImages | None = None,
 ) -> Decoded:
     """Decode a response after each left-padded prompt `[B, P]` with the decoder `settings` names.
 
-    `prompt_inputs` (Dimple's `pixel_values`, `image_grid_thw`) belong to the prompt: every full forward and the
-    prefill take them, a forward on top of the prompt's cache does not.
+    `prompt_images` (Dimple's image prompts, encoded once) belong to the prompt: every full forward and the
+    prefill take the image features of the rows they decode, a forward on top of the prompt's cache does not.
     """
-    prompt_inputs = prompt_inputs or {}
     decoder = DECODERS[settings.decoder]
     gen_length = settings.gen_length
     block_length = settings.block_length or gen_length
@@ -477,12 +499,14 @@ def generate(
                 cached_rows = rows
             if cache is None or start != cached_length:
                 prefix = torch.cat([prompt_ids[rows], current[:, :start]], dim=1)
-                cache = prefill_prompt(prefix, torch.cat([prompt_mask[rows], ones[:, :start]], dim=1), **prompt_inputs)
+                images = prompt_images.inputs(rows) if prompt_images is not None else {}
+                cache = prefill_prompt(prefix, torch.cat([prompt_mask[rows], ones[:, :start]], dim=1), **images)
                 cached_rows, cached_length = rows, start
                 full = True  # the step that builds the cache decodes from a full forward
         if full:
             ids = torch.cat([prompt_ids[rows], current], dim=1)
-            logits = forward(ids, torch.cat([prompt_mask[rows], ones], dim=1), prompt_len, None, **prompt_inputs)
+            images = prompt_images.inputs(rows) if prompt_images is not None else {}
+            logits = forward(ids, torch.cat([prompt_mask[rows], ones], dim=1), prompt_len, None, **images)
         else:
             tail = forward(current[:, start:], ones[:, start:], 0, cache)
             # Cached positions are all committed, so no decoder reads their (zero) logits.
@@ -570,11 +594,12 @@ class DiffusionGenerationMixin:
             generator: CPU generator for sampling (`temperature` > 0) and `remasking="random"`.
             overrides: any setting `DecodeSettings` names, e.g. `threshold=0.95`; also `mask_token_id`,
                 `eos_token_id` (the token that ends an answer; default the generation config's).
-            Image prompts (Dimple) pass `pixel_values` and `image_grid_thw` as overrides.
+            Image prompts (Dimple) pass `pixel_values` and `image_grid_thw` as overrides (the images of every
+                row, in row order, as its image processor gives them); they are encoded once per call.
 
         Returns `DiffusionGenerateOutput`: `sequences` (prompt + response), `nfe`, `order`.
         """
-        model_inputs = {name: overrides.pop(name) for name in IMAGE_INPUTS if name in overrides}
+        images = {name: overrides.pop(name) for name in IMAGE_INPUTS if name in overrides}
         saved = self._saved_generation_config() if generation_config is None else generation_config
         if isinstance(saved, dict):
             values, token_ids = dict(saved), {}
@@ -594,6 +619,11 @@ class DiffusionGenerationMixin:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         shifted = self.logits_shifted
+        prompt_images = None
+        if images.get("pixel_values") is not None:
+            if not hasattr(self, "row_images"):
+                raise ValueError(f"{type(self).__name__} takes no images (pixel_values given)")
+            prompt_images = self.row_images(input_ids, images["pixel_values"], images["image_grid_thw"])
 
         def forward(ids, mask, start, cache, **inputs):
             return aligned_logits(self, shifted, ids, mask, start=start, cache=cache, **inputs)
@@ -610,7 +640,7 @@ class DiffusionGenerationMixin:
             token_ids["mask_token_id"],
             end_id,
             generator,
-            prompt_inputs=model_inputs,
+            prompt_images=prompt_images,
         )
         return DiffusionGenerateOutput(
             sequences=torch.cat([input_ids, out.tokens], dim=1), nfe=out.nfe, order=out.order

@@ -30,6 +30,7 @@ transformers and its siblings.
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -38,6 +39,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from .configuration_dimple import DimpleConfig
+from .diffusion_generation import RowImages
 from .modeling_dream import DreamModel, DreamOutput
 
 
@@ -74,10 +76,45 @@ class DimpleModel(DreamModel):
         self.img_projector = DimpleImageProjector(config)
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        projector = getattr(self, "img_projector", None)
+        if projector is not None and (module is projector.linear_1 or module is projector.linear_2):
+            # Fresh weights only (a checkpoint's are loaded over them). At `initializer_range` both layers shrink the
+            # features (~6e-4 from the tiny tower, ~30x below the token embeddings they sit among), and a model
+            # trained from scratch then never learned to read its images; 1/sqrt(fan_in) keeps their scale.
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
         """`[Σ t·h·w / merge², hidden]` LM-space features of every image, in order."""
         merged = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
         return self.img_projector(merged)
+
+    @torch.no_grad()
+    def row_images(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor
+    ) -> RowImages:
+        """The images of a batch of prompts `[B, P]` encoded once (vision tower and projector) and split per row, so
+        a decode can hand each forward the features of the rows it decodes without re-running the vision tower."""
+        features = self.get_image_features(pixel_values, image_grid_thw)
+        merge = self.config.vision_config.spatial_merge_size**2
+        tokens_per_image = (image_grid_thw.prod(-1) // merge).tolist()
+        tokens_per_row = (input_ids == self.config.image_token_id).sum(-1).tolist()
+        if sum(tokens_per_row) != sum(tokens_per_image):
+            raise ValueError(f"{sum(tokens_per_row)} image tokens but {sum(tokens_per_image)} image features")
+        row_features, row_grids, image, offset = [], [], 0, 0
+        for needed in tokens_per_row:
+            first = image
+            while needed > 0:
+                needed -= tokens_per_image[image]
+                image += 1
+            if needed < 0:
+                raise ValueError("the image tokens of a prompt do not cover whole images")
+            count = sum(tokens_per_image[first:image])
+            row_features.append(features[offset : offset + count])
+            row_grids.append(image_grid_thw[first:image])
+            offset += count
+        return RowImages(row_features, row_grids)
 
     def mrope_position_ids(
         self,
@@ -122,6 +159,7 @@ class DimpleModel(DreamModel):
         logits_to_keep: int | slice | torch.Tensor = 0,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> DreamOutput:
         """Raw logits of the current tokens; arguments as `DreamModel.forward`, plus the image inputs.
@@ -129,11 +167,17 @@ class DimpleModel(DreamModel):
         Args:
             pixel_values: `[Σ t·h·w, 3·2·14·14]` patches of every image in the batch (Qwen2-VL preprocessing).
             image_grid_thw: `[n_images, 3]` patch grid of each image, in the order the images appear in the batch.
+            image_features: `[Σ t·h·w / merge², hidden]` LM-space features (`get_image_features`) in place of
+                `pixel_values`, for callers that encoded the images once (the decoding loop, `row_images`).
             position_ids: `[3, B, T]` (or `[B, T]` for text); None computes M-RoPE positions (module docstring).
         """
         inputs_embeds = self.model.embed_tokens(input_ids)
-        if pixel_values is not None:
-            features = self.get_image_features(pixel_values, image_grid_thw)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if pixel_values is not None or image_features is not None:
+            features = image_features
+            if features is None:
+                features = self.get_image_features(pixel_values, image_grid_thw)
             is_image = input_ids == self.config.image_token_id
             if is_image.sum().item() != features.shape[0]:
                 raise ValueError(f"{is_image.sum().item()} image tokens but {features.shape[0]} image features")

@@ -55,7 +55,7 @@ def trajectory_records(teacher_dir: Path, count: int = 8) -> list[dict]:
         records.append(
             {
                 "sample_id": f"s{index}",
-                "prompt_ids": teacher.encode_prompt(f"{index}+{index}="),
+                "prompt_ids": teacher.encode_prompt(f"{index}+{index}=").ids,
                 "target_ids": answer + [teacher.pad_token_id] * (CANVAS - len(answer)),
                 "order": list(range(CANVAS)),
             }

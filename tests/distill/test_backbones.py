@@ -28,6 +28,7 @@ from distill.trajectories import SET_DIR, trajectories_command
 from distill.verify import FP32_ATOL
 from students.build import build_student
 from teachers.interface import BACKBONES, load_teacher, save_teacher
+from teachers.vision import VisionInputs
 from tests.builders import BACKBONE_NAMES, tiny_teacher
 from tests.distill.distill_worker import worker_command
 from tests.launch import run_launched
@@ -136,13 +137,13 @@ def test_dimple_export_decodes_an_image_prompt_as_the_engine_does(tmp_path):
     teacher = load_teacher(None, tmp_path / "dimple")
     token = teacher.tokenizer.convert_tokens_to_ids
     image = [token("<|vision_start|>"), token("<|image_pad|>"), token("<|vision_end|>")]
-    prompt = teacher.encode_prompt("what is it?")
+    prompt = teacher.encode_prompt("what is it?").ids
     prompt = prompt[:2] + image + prompt[2:]
     pixel_values = torch.randn(4, 3 * 2 * 14 * 14)
     image_grid_thw = torch.tensor([[1, 2, 2]])
     config = DecoderConfig(name="confident", threshold=0.5, block_length=8, cache="prompt")
     images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-    expected = decode(teacher, [prompt], config, 16, **images)
+    expected = decode(teacher, [prompt], config, 16, vision=[VisionInputs(pixel_values, image_grid_thw)])
     # The image reaches the model: the response logits move with the pixels.
     canvas = torch.tensor([prompt + [teacher.mask_token_id] * 16])
     start = len(prompt)

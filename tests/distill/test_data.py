@@ -16,7 +16,7 @@ RECORDS = [
 
 def test_encoding_uses_the_chat_format_and_appends_eos():
     examples = encode_records(TEACHER, RECORDS, 16)
-    assert examples[0].prompt == TEACHER.encode_prompt("12+34=")
+    assert examples[0].prompt == TEACHER.encode_prompt("12+34=").ids
     assert TEACHER.tokenizer.decode(examples[0].prompt) == "<|bos|><|user|>12+34=<|assistant|>"
     assert examples[0].response[-1] == TEACHER.eos_token_id
     assert TEACHER.decode_response(examples[0].response) == "C:000 #### 46"

@@ -179,7 +179,7 @@ def test_rejects_settings_that_do_not_fit_the_canvas():
 
 def test_tiny_model_one_token_per_forward_and_batch_consistency():
     teacher = sharp_teacher(causal=False)
-    prompts = [teacher.encode_prompt("12+34="), teacher.encode_prompt("7+8=")]
+    prompts = [teacher.encode_prompt("12+34=").ids, teacher.encode_prompt("7+8=").ids]
     result = decode(teacher, prompts, DecoderConfig(), gen_length=8)
     for row in range(2):
         committed = [step for step in result.order[row].tolist() if step >= 0]
@@ -192,7 +192,7 @@ def test_tiny_model_one_token_per_forward_and_batch_consistency():
 
 def test_block_length_one_on_a_causal_model_decodes_left_to_right():
     teacher = sharp_teacher(causal=True)
-    prompt = teacher.encode_prompt("7+8=")
+    prompt = teacher.encode_prompt("7+8=").ids
     result = decode(teacher, [prompt], DecoderConfig(steps=8, block_length=1), gen_length=8)
     committed = [step for step in result.order[0].tolist() if step >= 0]
     assert committed == list(range(len(committed)))
@@ -275,7 +275,7 @@ def test_confident_never_exceeds_its_steps():
 
 def test_confident_gamma_one_matches_low_confidence_on_the_tiny_model():
     teacher = sharp_teacher(causal=False)
-    prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
+    prompts = [teacher.encode_prompt(text).ids for text in TINY_PROMPTS]
     for block_length in (None, 4):
         confident = decode(
             teacher, prompts, DecoderConfig(name="confident", threshold=1.0, block_length=block_length, cache="none"), 8
@@ -308,7 +308,7 @@ def test_multi_block_never_commits_past_an_inactive_block():
 @pytest.mark.parametrize("threshold", [2.0, 4.7, 50.0])
 def test_multi_block_on_the_tiny_model_commits_only_in_active_blocks(threshold):
     teacher = sharp_teacher(causal=False)
-    prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
+    prompts = [teacher.encode_prompt(text).ids for text in TINY_PROMPTS]
     config = DecoderConfig(name="multi_block", threshold=threshold, block_length=4, cache="none", eos_fill=False)
     result = decode(teacher, prompts, config, 16)
     for row in range(len(prompts)):
@@ -447,7 +447,7 @@ DECODER_SETTINGS = [
 @pytest.mark.parametrize("settings", DECODER_SETTINGS, ids=[s["name"] for s in DECODER_SETTINGS])
 def test_cached_and_uncached_give_the_same_tokens_on_a_causal_model(settings):
     teacher = sharp_teacher(causal=True)
-    prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
+    prompts = [teacher.encode_prompt(text).ids for text in TINY_PROMPTS]
     uncached = decode(teacher, prompts, DecoderConfig(**settings, cache="none"), 16)
     for cache, delay in [("prompt", 1), ("blocks", 0), ("blocks", 2)]:
         cached = decode(teacher, prompts, DecoderConfig(**settings, cache=cache, cache_delay=delay), 16)
@@ -458,7 +458,7 @@ def test_cached_and_uncached_give_the_same_tokens_on_a_causal_model(settings):
 @pytest.mark.parametrize("settings", DECODER_SETTINGS, ids=[s["name"] for s in DECODER_SETTINGS])
 def test_cache_on_a_bidirectional_model_is_an_approximation_that_runs(settings):
     teacher = sharp_teacher(causal=False)
-    prompts = [teacher.encode_prompt(text) for text in TINY_PROMPTS]
+    prompts = [teacher.encode_prompt(text).ids for text in TINY_PROMPTS]
     uncached = decode(teacher, prompts, DecoderConfig(**settings, cache="none"), 16)
     for cache in ("prompt", "blocks"):
         cached = decode(teacher, prompts, DecoderConfig(**settings, cache=cache), 16)
@@ -474,7 +474,7 @@ def test_cache_on_a_bidirectional_model_is_an_approximation_that_runs(settings):
 def test_cached_prefix_logits_are_close_on_a_bidirectional_model():
     # The approximation, measured: the first step's response logits with the prompt cached vs encoded jointly.
     teacher = sharp_teacher(causal=False)
-    prompt = torch.tensor([teacher.encode_prompt("12+34=")])
+    prompt = torch.tensor([teacher.encode_prompt("12+34=").ids])
     response = torch.full((1, 8), MASK)
     full = teacher.forward(torch.cat([prompt, response], dim=1))[:, prompt.shape[1] :]
     cached = teacher.forward(response, cache=teacher.prefill(prompt))

@@ -18,7 +18,7 @@ from tests.builders import tiny_teacher
 def records(teacher, count=6, canvas=8):
     out = []
     for index in range(count):
-        prompt = teacher.encode_prompt(f"{index}+{index}=")
+        prompt = teacher.encode_prompt(f"{index}+{index}=").ids
         answer = teacher.encode_response(str(2 * index))
         targets = answer + [teacher.pad_token_id] * (canvas - len(answer))
         out.append(

@@ -42,7 +42,8 @@ def training_student(two_ranks: Path, teacher_dir: Path, combo: str) -> torch.nn
 
 def inputs(teacher_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     teacher = load_teacher(None, teacher_dir)
-    ids = torch.tensor([teacher.encode_prompt("12+34=") + [teacher.mask_token_id] * 8 + teacher.encode_response("46")])
+    prompt = teacher.encode_prompt("12+34=").ids
+    ids = torch.tensor([prompt + [teacher.mask_token_id] * 8 + teacher.encode_response("46")])
     return ids, torch.ones_like(ids)
 
 

@@ -10,7 +10,7 @@ from tests.builders import tiny_teacher
 
 
 def _batch(teacher) -> dict:
-    prompt, response = teacher.encode_prompt("12+3"), teacher.encode_response("15")
+    prompt, response = teacher.encode_prompt("12+3").ids, teacher.encode_response("15")
     ids = torch.tensor([prompt + response, prompt + response[::-1]])
     response_mask = torch.zeros_like(ids)
     response_mask[:, len(prompt) :] = 1

@@ -149,6 +149,24 @@ def test_quickstart_recipe_runs_every_stage_for_a_few_steps(tmp_path):
     assert {("student", "confident"), ("student", "multi_block"), ("teacher", "confident")} <= points
 
 
+def test_vision_quickstart_carries_images_through_every_stage_and_verifies_its_export_on_them(tmp_path):
+    from distill.trajectories import load_trajectories
+
+    out = tmp_path / "quickstart-vision"
+    args = ["run", "recipes/quickstart-vision.yaml", f"run.output_dir={out}", f"run.cache_dir={tmp_path / 'cache'}"]
+    extra = ["train.max_steps=2", "train.micro_batch_size=4", "trajectories.shards=2", "trajectories.keep=all"]
+    extra += ["trajectories.max_samples=8", "eval.max_samples=4", "eval.decoder.sweep=[1.0]", "eval.decoders=[]"]
+    assert main(args + TINY + extra) == 0
+    rows = load_trajectories(out / "trajectories")
+    assert all(len(digests) == 1 for digests in rows["image_sha256"])  # one image per colour_digits prompt
+    assert json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    # The export holds the image processor and decodes image prompts without fewstep as fewstep does.
+    assert (out / "export" / "preprocessor_config.json").is_file()
+    verified = json.loads((out / "export" / "verify.json").read_text())
+    assert verified["ok"] and verified["decode"]["image_prompts"] == verified["decode"]["prompts"] == 4
+    assert verified["decode"]["tokens_equal"] and verified["decode"]["order_equal"]
+
+
 def test_sdtt_recipe_distills_without_trajectories_across_a_round_boundary(tmp_path):
     out = tmp_path / "sdtt"
     args = ["run", "recipes/sdtt-tiny.yaml", f"run.output_dir={out}", f"run.cache_dir={tmp_path / 'cache'}", *TINY]

@@ -82,7 +82,7 @@ def test_rows_record_one_token_per_forward_block_by_block_on_the_training_prompt
     pool = SequencePool(examples, 1, CANVAS, teacher.pad_token_id, seed=0, pad_answers=False)
     for row, record, example in zip(rows, records, examples, strict=True):
         # The prompt is the chat format training uses, and the response sits right after it in a training row.
-        assert row["prompt_ids"] == teacher.encode_prompt(record["prompt"]) == example.prompt
+        assert row["prompt_ids"] == teacher.encode_prompt(record["prompt"]).ids == example.prompt
         assert row["response_ids"] == example.response
         pool.groups = {"": [example]}
         batch = pool.batch(0)

@@ -3,19 +3,26 @@
 import hashlib
 import json
 import re
+from typing import get_args
 
+import pyarrow
+import pyarrow.parquet
 import pytest
+from PIL import Image
 
 from distill.recipe import (
+    BUILTIN_TASKS,
     AddendsTask,
     AdditionTask,
     ChainArithmeticTask,
+    Colour,
+    ColourDigitsTask,
     DataConfig,
     FileSource,
     SortingTask,
     WordProblemsTask,
 )
-from eval import tasks
+from eval import images, tasks
 from eval.tasks import (
     COLUMNS,
     FINGERPRINT_FILE,
@@ -26,6 +33,8 @@ from eval.tasks import (
     is_correct,
     load_task_datasets,
 )
+from teachers.vision import IMAGE_MODES, image_sha256
+from tests.bad_images import png_bytes
 
 SAMPLES = 400
 
@@ -536,3 +545,217 @@ def test_chain_arithmetic_is_a_builtin_task_name() -> None:
     assert isinstance(DataConfig(tasks=[{"name": "chain_arithmetic"}]).tasks[0], ChainArithmeticTask)
     with pytest.raises(ValueError, match="built-in task name"):
         FileSource(name="chain_arithmetic")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# colour_digits: a visual task, read back from its pixels
+
+WHITE = (255, 255, 255)
+# The layout the image must have, written out rather than imported: 28-px cells (one merged 2x2 patch token of
+# Qwen2-VL's 14-px patches), a 5x7 dot glyph of 3-px dots, centred (13 and 7 pixels of slack: 6 left, 3 on top).
+CELL, DOT, LEFT, TOP = 28, 3, 6, 3
+
+
+def _read_cell(image, row: int, col: int) -> tuple[int, str]:
+    """The digit and colour name drawn in a cell, from its pixels alone; every check of the cell's layout."""
+    box = image.crop((col * CELL, row * CELL, (col + 1) * CELL, (row + 1) * CELL))
+    pixels = {(x, y): box.getpixel((x, y)) for x in range(CELL) for y in range(CELL)}
+    inks = set(pixels.values()) - {WHITE}
+    assert len(inks) == 1, f"cell ({row}, {col}) holds {len(inks)} colours besides white"
+    ink = inks.pop()
+    glyph = []
+    for dot_row in range(7):
+        line = ""
+        for dot_col in range(5):
+            block = {pixels[LEFT + dot_col * DOT + dx, TOP + dot_row * DOT + dy] for dx in range(3) for dy in range(3)}
+            assert len(block) == 1, "a dot is not a solid 3x3 block"
+            line += "#" if block == {ink} else "."
+        glyph.append(line)
+    inside = {(LEFT + x, TOP + y) for x in range(5 * DOT) for y in range(7 * DOT)}
+    assert all(colour == WHITE for xy, colour in pixels.items() if xy not in inside), "ink outside the glyph box"
+    digits = [digit for digit, bitmap in images.FONT.items() if bitmap == tuple(glyph)]
+    names = [name for name, rgb in images.PALETTE.items() if rgb == ink]
+    assert len(digits) == 1 and len(names) == 1, (glyph, ink)
+    return digits[0], names[0]
+
+
+def _check_colour_digits(record: dict, config: ColourDigitsTask) -> int:
+    """Re-derive a record from its image and prompt; returns how many digits have the asked colour."""
+    assert tuple(record) == (*COLUMNS, "images") and record["task"] == "colour_digits"
+    (image,) = record["images"]
+    assert image.mode == "RGB" and image.size == (config.cols * CELL, config.rows * CELL)
+    asked = re.fullmatch(r"Add the (\w+) digits\.", record["prompt"])[1]
+    cells = [_read_cell(image, row, col) for row in range(config.rows) for col in range(config.cols)]
+    assert {colour for _, colour in cells} <= set(config.colours)
+    read = [digit for digit, colour in cells if colour == asked]
+    assert config.min_asked <= len(read) <= config.max_asked
+    width = len(str(9 * config.max_asked)) if config.fixed_width else 1
+    steps, total = [], read[0]
+    for digit in read[1:]:
+        left = str(total) if not steps else str(total).zfill(width)
+        steps.append(f"{left}+{digit}={str(total + digit).zfill(width)}")
+        total += digit
+    lines = [f"{asked}: {' '.join(map(str, read))}", *steps, f"#### {str(total).zfill(width)}"]
+    assert record["response"] == "\n".join(lines)
+    assert record["answer"] == str(total) == str(sum(read)) and is_correct(record["response"], record["answer"])
+    key = f"{record['prompt']}\n{image_sha256(image)}"
+    assert record["id"] == f"colour_digits-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    return len(read)
+
+
+def test_colour_digits_format_on_a_hand_example() -> None:
+    red, blue = images.PALETTE["red"], images.PALETTE["blue"]
+    grid = images.digit_grid([3, 8, 5, 0, 7, 1], ["red", "blue", "red", "blue", "red", "blue"], cols=3)
+    assert [_read_cell(grid, 0, col) for col in range(3)] == [(3, "red"), (8, "blue"), (5, "red")]
+    # The top dot row of the 3 (`#####`) in the red cell, and of the 8 (`.###.`) in the blue one.
+    assert [grid.getpixel((6 + 3 * x, 3)) for x in range(5)] == [red] * 5
+    assert [grid.getpixel((28 + 6 + 3 * x, 3)) for x in range(5)] == [WHITE, blue, blue, blue, WHITE]
+    response = "red: 3 5 7\n3+5=8\n8+7=15\n#### 15"
+    record = tasks.make_record("colour_digits", "Add the red digits.", response, "15", images=[grid])
+    assert _check_colour_digits(record, ColourDigitsTask(name="colour_digits")) == 3
+    single = images.digit_grid([4, 8, 5, 0], ["red", "blue", "blue", "blue"], cols=2)
+    record = tasks.make_record("colour_digits", "Add the red digits.", "red: 4\n#### 4", "4", images=[single])
+    assert _check_colour_digits(record, ColourDigitsTask(name="colour_digits", rows=2, cols=2)) == 1
+
+
+FIXED = {"colours": ["green", "black"], "min_asked": 3, "max_asked": 3, "fixed_width": True}  # names of one length
+
+
+@pytest.mark.parametrize(
+    "knobs", [{}, {"rows": 3, "cols": 4, "colours": ["green", "orange", "purple", "black"], "max_asked": 5}, FIXED]
+)
+def test_colour_digits_records_match_their_pixels(knobs: dict) -> None:
+    config = ColourDigitsTask(name="colour_digits", train_size=150, eval_size=30, **knobs)
+    records = generate(config, "train", seed=4) + generate(config, "eval", seed=4)
+    counts = [_check_colour_digits(record, config) for record in records]
+    assert set(counts) == set(range(config.min_asked, config.max_asked + 1))
+    if knobs is FIXED:  # every character at a fixed offset: one length, digits where digits are
+        assert {re.sub(r"[0-9]", "0", re.sub("green|black", "colour", r["response"])) for r in records} == {
+            "colour: 0 0 0\n0+0=00\n00+0=00\n#### 00"
+        }
+    assert {re.fullmatch(r"Add the (\w+) digits\.", r["prompt"])[1] for r in records} == set(config.colours)
+    if not knobs:  # the documented bound: response + EOS within a 40-token canvas
+        assert max(len(record["response"]) for record in records) <= 34
+
+
+def test_colour_digits_is_deterministic_and_splits_by_prompt_and_image() -> None:
+    config = ColourDigitsTask(name="colour_digits", train_size=200, eval_size=40)
+
+    def identity(records: list[dict]) -> list[tuple]:
+        return [(r["id"], r["prompt"], r["response"], image_sha256(r["images"][0])) for r in records]
+
+    train, evaluation = generate(config, "train", seed=1), generate(config, "eval", seed=1)
+    assert identity(generate(config, "train", seed=1)) == identity(train)
+    assert identity(generate(config, "train", seed=2)) != identity(train)
+    keys = {
+        split: {tasks.record_key(r["prompt"], r["images"]) for r in records}
+        for split, records in (("train", train), ("eval", evaluation))
+    }
+    assert len(keys["train"]) == 200 and len(keys["eval"]) == 40 and not keys["train"] & keys["eval"]
+    assert all(tasks.split_of(key) == split for split in keys for key in keys[split])
+    # The question text alone repeats (one per colour) and is in both splits: the images tell records apart.
+    assert (
+        {r["prompt"] for r in train}
+        == {r["prompt"] for r in evaluation}
+        == {
+            "Add the red digits.",
+            "Add the blue digits.",
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"rows": 1, "cols": 3}, "rows \\* cols must be at least 4"),
+        ({"colours": ["red"]}, "at least 2 distinct"),
+        ({"colours": ["red", "red"]}, "at least 2 distinct"),
+        ({"colours": ["red", "teal"]}, "colours.1"),
+        ({"max_asked": 7}, "max_asked must not exceed rows \\* cols \\(6\\)"),
+        ({"min_asked": 3, "max_asked": 2}, "min_asked must not exceed max_asked"),
+        ({"max_asked": 0}, "greater than 0"),
+    ],
+)
+def test_colour_digits_bad_knobs_are_rejected(knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataConfig(tasks=[{"name": "colour_digits", **knobs}])
+
+
+def test_colour_digits_palette_is_the_recipes() -> None:
+    assert tuple(images.PALETTE) == get_args(Colour)
+    assert len(set(images.FONT.values())) == 10  # every glyph tells its digit apart
+    assert set(BUILTIN_TASKS) == set(tasks._GENERATORS) and set(tasks.IMAGE_TASKS) <= set(BUILTIN_TASKS)
+
+
+def test_images_round_trip_through_the_stored_datasets(tmp_path) -> None:
+    out_dir = tmp_path / "data"
+    config = DataConfig(
+        tasks=[
+            ColourDigitsTask(name="colour_digits", train_size=12, eval_size=0),
+            SortingTask(name="sorting", train_size=5, eval_size=2),
+        ]
+    )
+    built = build_task_datasets(config, seed=3, out_dir=out_dir)
+    generated = generate(config.tasks[0], "train", tasks._task_seed(3, "colour_digits"))
+    for datasets in (built, load_task_datasets(out_dir)):
+        visual = datasets["colour_digits"]
+        assert all(visual[split].column_names == [*COLUMNS, "images"] for split in tasks.SPLITS)
+        assert len(visual["eval"]) == 0  # an empty split keeps the column
+        stored = list(visual["train"])  # iterating decodes the images (`to_list` would not)
+        assert [(r["id"], image_sha256(r["images"][0])) for r in stored] == [
+            (r["id"], image_sha256(r["images"][0])) for r in generated
+        ]
+        assert stored[0]["images"][0].format == "PNG"
+        # A text-only task is stored exactly as before: five string columns.
+        assert datasets["sorting"]["train"].column_names == list(COLUMNS)
+        assert datasets["sorting"]["train"].features == tasks.FEATURES
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_every_accepted_mode_is_stored_without_loss(mode: str) -> None:
+    gradient = Image.linear_gradient("L").resize((8, 8))  # many distinct pixels: a lossy format would show
+    image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180))).convert(mode)
+    record = tasks.make_record("t", "p", "#### 1", "1", images=[image])
+    (stored,) = tasks.records_to_dataset([record])[0]["images"]
+    # The three modes neither PNG nor TIFF can hold come back as the plain mode they stand for.
+    plain = {"La": "LA", "RGBa": "RGBA", "RGBX": "RGB"}.get(mode)
+    expected = image.convert(plain) if plain else image
+    assert stored.mode == expected.mode and image_sha256(stored) == image_sha256(expected)
+
+
+def test_an_edited_image_file_rebuilds_a_file_source(tmp_path) -> None:
+    pictures = tmp_path / "pics"
+    pictures.mkdir()
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(pictures / "a.png")
+    rows = tmp_path / "user.jsonl"
+    rows.write_text(json.dumps({"prompt": "What colour?", "response": "#### red", "image": "pics/a.png"}) + "\n")
+    config = DataConfig(files=[FileSource(name="mine", train_path=rows)])
+    first = build_task_datasets(config, seed=0, out_dir=tmp_path / "data")["mine"]["train"][0]
+    # The data file is unchanged; only the picture it names is new.
+    Image.new("RGB", (56, 56), (0, 0, 200)).save(pictures / "a.png")
+    again = build_task_datasets(config, seed=0, out_dir=tmp_path / "data")["mine"]["train"][0]
+    assert again["images"][0].getpixel((0, 0)) == (0, 0, 200) != first["images"][0].getpixel((0, 0))
+    assert load_task_datasets(tmp_path / "data")["mine"]["train"][0]["id"] == again["id"] != first["id"]
+
+
+def test_a_text_file_keeps_its_fingerprint_and_one_with_images_gets_another(tmp_path) -> None:
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def fingerprint_without_images(source: FileSource) -> str:
+        # The formula from before images were read: data a text-only run stored must be reused as it is.
+        payload = {"config": source.model_dump(mode="json"), "seed": 0, "version": tasks.DATA_FORMAT_VERSION}
+        payload["contents"] = [sha256(source.train_path.read_bytes()), None]
+        return sha256(json.dumps(payload, sort_keys=True).encode())
+
+    rows = tmp_path / "user.jsonl"
+    rows.write_text(json.dumps({"prompt": "2+2?", "response": "#### 4"}) + "\n")
+    text = FileSource(name="mine", train_path=rows)
+    assert tasks._fingerprint(text, 0) == fingerprint_without_images(text)
+    # Images given as bytes are covered by the file's digest, yet they mark the source as one with images: a copy
+    # stored before images were read (without them) is not reused.
+    parquet = tmp_path / "user.parquet"
+    row = {"prompt": "2+2?", "response": "#### 4", "image": png_bytes(Image.new("RGB", (56, 56)))}
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([row]), parquet)
+    with_bytes = FileSource(name="mine", train_path=parquet)
+    assert tasks._fingerprint(with_bytes, 0) != fingerprint_without_images(with_bytes)

@@ -1,14 +1,18 @@
-"""User data files: both formats from JSON lines and parquet, format detection, ids, and every error case."""
+"""User data files: both formats from JSON lines and parquet, format detection, ids, rows with images, and every
+error case."""
 
 import json
 
 import pyarrow
 import pyarrow.parquet
 import pytest
+from PIL import Image
 
 from distill.recipe import FileSource
 from eval.tasks import COLUMNS
 from eval.userdata import load_file_source
+from teachers.vision import image_sha256
+from tests.bad_images import BAD_IMAGES, png_bytes
 
 GSM8K_ROWS = [
     {
@@ -168,3 +172,117 @@ def test_file_removed_after_the_recipe_was_validated(tmp_path) -> None:
     path.unlink()
     with pytest.raises(ValueError, match=r"eval\.jsonl: file not found"):
         load_file_source(source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows with images (Dimple): paths relative to the data file in JSON, bytes or `datasets` structs in parquet
+
+
+def _picture(colour: tuple[int, int, int], size: tuple[int, int] = (56, 56)) -> Image.Image:
+    image = Image.new("RGB", size, colour)
+    image.putpixel((1, 2), (7, 8, 9))  # not a flat colour: a format that resized or recoloured would show
+    return image
+
+
+def _stored_images(dataset) -> list[list[str]]:
+    # Iterating decodes the Image feature (`to_list` would give the raw {"bytes", "path"} dicts).
+    return [[image_sha256(image) for image in row["images"]] for row in dataset]
+
+
+def test_jsonl_rows_with_relative_image_paths(tmp_path) -> None:
+    red, green, blue = _picture((200, 0, 0)), _picture((0, 200, 0)), _picture((0, 0, 200), (84, 56))
+    (tmp_path / "data" / "pics").mkdir(parents=True)
+    red.save(tmp_path / "data" / "pics" / "red.png")
+    green.save(tmp_path / "data" / "green.jpg", quality=95)  # lossy: compared with its own decoding below
+    blue.save(tmp_path / "data" / "pics" / "blue.png")
+    rows = [
+        {"question": "What colour?", "answer": "red #### red", "image": "pics/red.png"},
+        {"question": "What colour?", "answer": "green #### green", "image": "green.jpg"},
+        {"question": "Text only?", "answer": "yes #### yes"},
+    ]
+    train = tmp_path / "data" / "train.jsonl"
+    _write_jsonl(train, rows)
+    evaluation = tmp_path / "data" / "eval.jsonl"
+    _write_jsonl(
+        evaluation, [{"prompt": "Compare them.", "response": "#### 2", "images": ["pics/red.png", "pics/blue.png"]}]
+    )
+    data = load_file_source(FileSource(name="mine", train_path=train, eval_path=evaluation))
+    green_pixels = image_sha256(Image.open(tmp_path / "data" / "green.jpg"))
+    assert _stored_images(data["train"]) == [[image_sha256(red)], [green_pixels], []]
+    assert _stored_images(data["eval"]) == [[image_sha256(red), image_sha256(blue)]]
+    first = data["train"][0]
+    assert (first["prompt"], first["response"], first["answer"]) == ("What colour?", "red #### red", "red")
+    assert first["images"][0].size == (56, 56) and data["eval"][0]["images"][1].size == (84, 56)
+    # The same question with another image is another record: the id covers the images' content.
+    assert len(set(data["train"]["id"])) == 3
+    assert data["train"].column_names == [*COLUMNS, "images"]
+
+
+def test_a_split_without_images_gets_the_column_too(tmp_path) -> None:
+    _picture((1, 2, 3)).save(tmp_path / "a.png")
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    _write_jsonl(train, [{"prompt": "p", "response": "#### 1", "image": "a.png"}])
+    _write_jsonl(evaluation, PROMPT_RESPONSE_ROWS)
+    data = load_file_source(FileSource(name="mine", train_path=train, eval_path=evaluation))
+    assert data["eval"].column_names == [*COLUMNS, "images"] and _stored_images(data["eval"]) == [[], []]
+    # A text-only source keeps exactly the five string columns.
+    assert load_file_source(FileSource(name="text", train_path=evaluation))["train"].column_names == list(COLUMNS)
+
+
+@pytest.mark.parametrize("data_format", ["gsm8k", "prompt_response"])
+def test_parquet_rows_with_image_bytes(tmp_path, data_format: str) -> None:
+    red, blue = _picture((200, 0, 0)), _picture((0, 0, 200))
+    blue.save(tmp_path / "blue.png")
+    text = {"gsm8k": ("question", "answer"), "prompt_response": ("prompt", "response")}[data_format]
+    rows = [
+        {text[0]: "One?", text[1]: "#### 1", "images": [{"bytes": png_bytes(red), "path": "ignored.png"}]},
+        {
+            text[0]: "Two?",
+            text[1]: "#### 2",
+            "images": [{"bytes": png_bytes(red), "path": None}, {"bytes": None, "path": "blue.png"}],
+        },
+        {text[0]: "None?", text[1]: "#### 0", "images": None},
+    ]
+    path = tmp_path / "train.parquet"
+    _write_parquet(path, rows)
+    data = load_file_source(FileSource(name="mine", train_path=path))
+    assert _stored_images(data["train"]) == [[image_sha256(red)], [image_sha256(red), image_sha256(blue)], []]
+    assert data["train"]["answer"] == ["1", "2", "0"]
+    # One image as plain bytes in an `image` column.
+    _write_parquet(path, [{text[0]: "One?", text[1]: "#### 1", "image": png_bytes(blue)}])
+    assert _stored_images(load_file_source(FileSource(name="mine", train_path=path))["train"]) == [[image_sha256(blue)]]
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_a_bad_image_names_the_file_the_row_and_the_image(tmp_path, case: str) -> None:
+    write, suffix, problem = BAD_IMAGES[case]
+    image = tmp_path / "pics" / f"bad.{suffix}"
+    image.parent.mkdir()
+    write(image)
+    path = tmp_path / "eval.jsonl"
+    _write_jsonl(path, [PROMPT_RESPONSE_ROWS[0], {**PROMPT_RESPONSE_ROWS[1], "images": [f"pics/bad.{suffix}"]}])
+    message = _load_error(path)
+    assert f"{path}: line 2: image 1 (pics/bad.{suffix}): " + problem.format(image=image) in message
+
+
+def test_a_bad_image_in_parquet_bytes_names_the_row(tmp_path) -> None:
+    path = tmp_path / "eval.parquet"
+    _write_parquet(path, [{"prompt": "p", "response": "#### 1", "image": b"\x89PNG\r\n\x1a\nnot really"}])
+    assert f"{path}: row 1: image: not a readable image" in _load_error(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "What is <|image_pad|> here?", "response": "#### 1"}, "column 'prompt' holds the vision token"),
+        ({"question": "<|vision_start|>Count.", "answer": "#### 1"}, "column 'question' holds the vision token"),
+        ({"prompt": "p", "response": "#### 1", "image": "a.png", "images": ["a.png"]}, "give 'image' or 'images'"),
+        ({"prompt": "p", "response": "#### 1", "images": "a.png"}, "column 'images' must be a list of images"),
+        ({"prompt": "p", "response": "#### 1", "images": [7]}, "image 1: expected an image path or image bytes"),
+        ({"prompt": "p", "response": "#### 1", "image": ""}, "image: expected an image path or image bytes, got an"),
+    ],
+)
+def test_vision_tokens_and_malformed_image_columns(tmp_path, row: dict, message: str) -> None:
+    path = tmp_path / "eval.jsonl"
+    _write_jsonl(path, [row])
+    assert f"{path}: line 1: {message}" in _load_error(path)

@@ -28,9 +28,10 @@ from distill.files import LOCK_FILE, lock_directory, temp_name, write_atomically
 from distill.recipe import RecipeError, load_recipe
 from distill.run import held_run_directory
 from teachers.manifest import MANIFEST_FILE
+from tests.bad_images import BAD_IMAGES
 from tests.distill.conftest import teacher_dir  # noqa: F401  (the shared session fixture)
 from tests.launch import REPO, child_env
-from tests.reliability.checks import tree_digest
+from tests.reliability.checks import assert_refused, tree_digest
 
 
 def base_tree(teacher: Path, out: Path) -> dict:
@@ -210,6 +211,45 @@ def response_beyond_the_canvas(tree: dict, tmp_path: Path) -> str:
     return f"{path}: line 1: record user-"
 
 
+def user_file_with_image(tmp_path: Path, tree: dict, case: str) -> str:
+    """A gsm8k file whose line 2 shows `inputs/pics/bad.<ext>`, a bad image of `tests.bad_images`; the expected
+    error: the data file, the line, the image as the row names it, the problem."""
+    write, suffix, problem = BAD_IMAGES[case]
+    image = tmp_path / "inputs" / "pics" / f"bad.{suffix}"
+    image.parent.mkdir(parents=True)
+    write(image)
+    path = user_file(tmp_path, [qa("1+1?"), qa("Which digit is drawn?", "3") | {"image": f"pics/bad.{suffix}"}])
+    with_user_data(tree, path)
+    return f"{path}: line 2: image (pics/bad.{suffix}): {problem.format(image=image)}"
+
+
+def image_file_missing(tree: dict, tmp_path: Path) -> str:
+    return user_file_with_image(tmp_path, tree, "missing")
+
+
+def image_truncated(tree: dict, tmp_path: Path) -> str:
+    return user_file_with_image(tmp_path, tree, "truncated")
+
+
+def image_16_bit(tree: dict, tmp_path: Path) -> str:
+    return user_file_with_image(tmp_path, tree, "16-bit")
+
+
+def image_float_tiff(tree: dict, tmp_path: Path) -> str:
+    return user_file_with_image(tmp_path, tree, "float")
+
+
+def image_zero_size(tree: dict, tmp_path: Path) -> str:
+    return user_file_with_image(tmp_path, tree, "zero-size")
+
+
+def image_tokens_without_an_image(tree: dict, tmp_path: Path) -> str:
+    # Image tokens are placed by fewstep's chat formatting; written by hand they would stand for no image.
+    path = user_file(tmp_path, [qa("1+1?"), qa("What is in <|image_pad|>?")])
+    with_user_data(tree, path)
+    return f"{path}: line 2: column 'question' holds the vision token '<|image_pad|>'"
+
+
 def distill_without_trajectories(tree: dict, tmp_path: Path) -> str:
     tree["run"]["stages"] = ["distill"]
     tree["distill"] = {"curriculum": {"windows": [8, 24]}}
@@ -257,6 +297,12 @@ CASES: dict[str, Case] = {
         task_prompt_beyond_positions,
         character_the_tokenizer_lacks,
         response_beyond_the_canvas,
+        image_file_missing,
+        image_truncated,
+        image_16_bit,
+        image_float_tiff,
+        image_zero_size,
+        image_tokens_without_an_image,
         distill_without_trajectories,
         eval_row_never_made,
         eval_checkpoint_missing,
@@ -318,6 +364,22 @@ def test_a_good_rerun_passes_the_same_checks(finished_run, teacher_dir, tmp_path
     assert main(["run", str(recipe)]) == 0
     assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"] == 0.01
     assert not (run / LOCK_FILE).exists()
+
+
+IMAGE_CASES = [case for case in CASES if case.startswith("image_")]
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+def test_validate_refuses_a_bad_image_as_run_does(case, teacher_dir, tmp_path, capsys):  # noqa: F811
+    tree = base_tree(teacher_dir, tmp_path / "run")
+    expected = CASES[case](tree, tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    code = main(["validate", str(recipe)])
+    assert_refused(code, capsys.readouterr().err, expected, tmp_path, before, expected=2)
+    assert not (tmp_path / "run").exists()
 
 
 def test_validate_refuses_what_run_refuses(tmp_path, capsys):

@@ -330,13 +330,13 @@ def test_every_decoder_stops_on_nan_logits_at_the_first_step(nan_teacher, decode
     config = DecoderConfig(name=decoder, block_length=8, threshold=None if decoder == "low_confidence" else 0.9)
     began = time.perf_counter()
     with pytest.raises(DecodingError, match=r"^decoding: the model's logits are NaN or infinite at step 1 \(of"):
-        decode(teacher, [teacher.encode_prompt("12+34=")], config, 24)
+        decode(teacher, [teacher.encode_prompt("12+34=").ids], config, 24)
     assert time.perf_counter() - began < 30
 
 
 def test_diffusion_generate_stops_on_nan_logits_instead_of_committing_the_mask(nan_teacher):
     teacher = load_teacher(None, nan_teacher)
-    ids = torch.tensor([teacher.encode_prompt("12+34=")])
+    ids = torch.tensor([teacher.encode_prompt("12+34=").ids])
     with pytest.raises(DecodingError, match="NaN or infinite at step 1 "):
         teacher.model.diffusion_generate(ids, gen_length=24, mask_token_id=teacher.mask_token_id)
 
@@ -349,7 +349,7 @@ def test_a_decoder_that_commits_only_the_mask_token_is_stopped_at_once(teacher_d
 
     monkeypatch.setitem(diffusion_generation.DECODERS, "low_confidence", commits_the_mask)
     with pytest.raises(DecodingError, match="^decoding: decoder 'low_confidence' committed no token at step 1$"):
-        decode(teacher, [teacher.encode_prompt("1+1=")], DecoderConfig(name="low_confidence"), 24)
+        decode(teacher, [teacher.encode_prompt("1+1=").ids], DecoderConfig(name="low_confidence"), 24)
 
 
 def test_trajectories_from_a_nan_teacher_fail_in_one_line_writing_no_set(nan_teacher, tmp_path, capsys):

@@ -12,7 +12,7 @@ def teacher_and_batch():
     torch.manual_seed(0)
     teacher = tiny_teacher(32, 64, 2, 2, 1, 64)
     freeze(teacher.model)
-    ids = torch.tensor([teacher.encode_prompt("12+34=") + [teacher.mask_token_id] * 4])
+    ids = torch.tensor([teacher.encode_prompt("12+34=").ids + [teacher.mask_token_id] * 4])
     return teacher, ids
 
 

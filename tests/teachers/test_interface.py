@@ -25,7 +25,7 @@ def tiny(backbone: str = "dream", published_chat: bool = True):
 
 
 def batch(teacher, texts, tail=5):
-    prompts = [teacher.encode_prompt(text) + [teacher.mask_token_id] * tail for text in texts]
+    prompts = [teacher.encode_prompt(text).ids + [teacher.mask_token_id] * tail for text in texts]
     return left_pad(prompts, teacher.pad_token_id)
 
 
@@ -183,7 +183,7 @@ def test_diffusion_generate_matches_the_decoding_engine(backbone, settings):
     with torch.no_grad():
         teacher.model.get_output_embeddings().weight.mul_(30)
     questions = ["12+34=", "sort 3 1 2", "7+8=", "999+1=", "hello"]
-    prompts = [teacher.encode_prompt(question) for question in questions]
+    prompts = [teacher.encode_prompt(question).ids for question in questions]
     config = DecoderConfig(**({"cache": "none"} | settings))
     expected = decode(teacher, prompts, config, 16, torch.Generator().manual_seed(3))
     ids, mask = left_pad(prompts, teacher.pad_token_id)
@@ -198,7 +198,7 @@ def test_diffusion_generate_matches_the_decoding_engine(backbone, settings):
 
 def test_diffusion_generate_rejects_unknown_settings_and_bad_lengths():
     teacher = tiny()
-    ids, mask = left_pad([teacher.encode_prompt("1+1=")], teacher.pad_token_id)
+    ids, mask = left_pad([teacher.encode_prompt("1+1=").ids], teacher.pad_token_id)
     with pytest.raises(ValueError, match="unknown decoding setting"):
         teacher.model.diffusion_generate(ids, mask, generation_config={}, threshhold=0.5)
     with pytest.raises(ValueError, match="not a multiple of block_length"):
