@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from teachers.interface import Teacher
-from teachers.vision import VISION_TOKENS, VisionInputs, collate_vision
+from teachers.vision import VisionInputs, collate_vision, written_vision_token
 
 
 @dataclass
@@ -69,7 +69,7 @@ def first_unusable(
     for record in records:
         if record.get("images") and not teacher.backbone.images:
             return record, f"has images, but the teacher ({teacher.name}) has no vision tower; use a dimple teacher"
-        written = next((token for token in VISION_TOKENS if token in record["prompt"]), None)
+        written = written_vision_token(record["prompt"])
         if written is not None and teacher.backbone.images:
             return record, f"prompt holds {written} as text (image tokens are placed for the record's images)"
     if tokenizer.unk_token_id is not None:

@@ -39,7 +39,7 @@ from datasets import DatasetDict
 
 from distill.recipe import FileSource
 from eval.tasks import ANSWER_MARKER, IMAGES, extract_answer, make_record, records_to_dataset
-from teachers.vision import VISION_TOKENS, image_sha256, open_image
+from teachers.vision import image_sha256, open_image, written_vision_token
 
 FORMAT_COLUMNS = {"gsm8k": ("question", "answer"), "prompt_response": ("prompt", "response")}
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -136,7 +136,7 @@ def _convert_row(path: Path, where: str, row: dict, data_format: str) -> tuple[s
         if not isinstance(row[column], str):
             kind = type(row[column]).__name__
             raise ValueError(f"{path}: {where}: column '{column}' must be a string, got {kind}")
-        token = next((token for token in VISION_TOKENS if token in row[column]), None)
+        token = written_vision_token(row[column])
         if token is not None:
             raise ValueError(
                 f"{path}: {where}: column '{column}' holds the vision token '{token}'; fewstep's chat formatting "

@@ -55,7 +55,14 @@ from teachers.backbones import (
 from teachers.backbones.diffusion_generation import PrefixCache, aligned_logits, prefill
 from teachers.manifest import check_manifest, write_manifest
 from teachers.tokenizer import build_char_tokenizer
-from teachers.vision import IMAGE_PAD, VISION_END, VISION_START, VISION_TOKENS, VisionInputs
+from teachers.vision import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    VISION_TOKENS,
+    VisionInputs,
+    written_vision_token,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -232,7 +239,7 @@ class Teacher:
         is a ValueError, as are images for a teacher without a vision tower.
         """
         if self.backbone.images:
-            written = next((token for token in VISION_TOKENS if token in question), None)
+            written = written_vision_token(question)
             if written is not None:
                 raise ValueError(f"the prompt holds {written} as text; image tokens are placed for the record's images")
         vision, content = None, question

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from teachers.backbones.diffusion_generation import IMAGE_INPUTS
+
 # The chat template's vision block of one image is VISION_START + IMAGE_PAD x (merged patches) + VISION_END.
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 VISION_TOKENS = (VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, "<|video_pad|>")
@@ -28,6 +30,12 @@ VISION_TOKENS = (VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, "<|video
 # (depth maps, scientific data) would be silently clipped, so they are refused.
 IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's resize refuses longer sides than this
+
+
+def written_vision_token(text: str) -> str | None:
+    """The first vision token a text holds as written characters, or None. Vision tokens are placed by
+    `Teacher.encode_prompt` for a record's images; one written into a prompt would be image tokens without an image."""
+    return next((token for token in VISION_TOKENS if token in text), None)
 
 
 class ImageError(ValueError):
@@ -100,7 +108,7 @@ def collate_vision(items: list[VisionInputs | None]) -> dict[str, torch.Tensor]:
 
 def vision_of(batch: dict) -> dict[str, torch.Tensor]:
     """The vision inputs a batch dict carries (none for text batches), to pass on to the model's forward."""
-    return {name: batch[name] for name in ("pixel_values", "image_grid_thw") if name in batch}
+    return {name: batch[name] for name in IMAGE_INPUTS if name in batch}
 
 
 def _first_line(error: BaseException) -> str:
