@@ -3,6 +3,9 @@ per-sample decoding, the vision tower run once per decode, and training batches 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from PIL import Image
@@ -63,10 +66,15 @@ def test_hand_written_image_tokens_and_images_for_a_text_teacher_are_refused(tea
         dream.encode_prompt("what is it?", [picture(56, 56, 1)])
 
 
-def count_vision_calls(teacher) -> list[int]:
+@contextmanager
+def count_vision_calls(teacher) -> Iterator[list[int]]:
+    """Counts the vision tower's forwards inside the block (the hook leaves with it: the teacher is shared)."""
     calls = [0]
-    teacher.model.visual.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
+    handle = teacher.model.visual.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize(
@@ -93,9 +101,9 @@ def test_left_padded_batch_of_image_prompts_equals_per_sample_decoding(teacher, 
 
 def test_vision_tower_runs_once_per_decode_not_once_per_forward(teacher):
     prompts = [teacher.encode_prompt(question, images) for question, images in ROWS]
-    calls = count_vision_calls(teacher)
     decoder = DecoderConfig(name="low_confidence", cache="none")  # one token per forward: GEN_LENGTH forwards
-    result = decode(teacher, [p.ids for p in prompts], decoder, GEN_LENGTH, vision=[p.vision for p in prompts])
+    with count_vision_calls(teacher) as calls:
+        result = decode(teacher, [p.ids for p in prompts], decoder, GEN_LENGTH, vision=[p.vision for p in prompts])
     assert int(result.nfe.max()) > 1
     assert calls[0] == 1
 
@@ -183,9 +191,9 @@ def test_sdtt_targets_see_the_rows_images_through_one_vision_encoding(teacher):
     masked = batch["response_mask"].bool()
     x_t = batch["input_ids"].masked_fill(masked, teacher.mask_token_id)
     vision = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
-    calls = count_vision_calls(teacher)
     args = (teacher, x_t, batch["attention_mask"], batch["response_mask"], 2, None, 0.0)
-    seen = sdtt_targets(*args, vision)
+    with count_vision_calls(teacher) as calls:
+        seen = sdtt_targets(*args, vision)
     assert calls[0] == 1  # both teacher steps reuse the features
     vision["pixel_values"] = torch.zeros_like(vision["pixel_values"])
     blank = sdtt_targets(*args, vision)
