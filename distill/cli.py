@@ -12,6 +12,7 @@ overrides; `report` re-renders or merges finished reports; `export` and `verify`
     distill lm-eval --model-args pretrained=runs/x,decoder=confident --tasks gsm8k --sweep --out runs/x-gsm8k
     distill trajectories recipes/teacher-tiny.yaml teacher.path=runs/teacher-tiny/teacher trajectories.block_length=8
     torchrun --nproc_per_node 2 -m distill.cli trajectories RECIPE [overrides]   # shards split over ranks
+    torchrun --nproc_per_node 2 -m distill.cli eval RECIPE [overrides]   # eval batches split over ranks, resumable
     distill export runs/quickstart --out exports/quickstart --dtype bf16   # a folder that loads without fewstep
     distill verify exports/quickstart                                     # reload it without fewstep, compare
 
@@ -52,12 +53,21 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_strict_hash(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict-hash",
+        action="store_true",
+        help="identify the teacher by the sha256 of its weights, not their sizes and mtimes (run.strict_hash=true)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="distill", description="fewstep: distil diffusion LMs into few-step decoders.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=ArgumentParser)
 
     run = verbs.add_parser("run", help="run a recipe's stages end to end", description="Run a recipe end to end.")
     _add_recipe_arguments(run)
+    _add_strict_hash(run)
 
     trajectories = verbs.add_parser(
         "trajectories",
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_recipe_arguments(trajectories)
+    _add_strict_hash(trajectories)
 
     validate = verbs.add_parser(
         "validate",
@@ -83,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Decode the recipe's eval tasks with every row (eval.rows, eval.checkpoints) and every eval decoder, "
             "sweeping each decoder's knob; write report.json/.md/.html and per-sample logs to "
-            "<run.output_dir>/eval/; with eval.lm_eval, then run lm-evaluation-harness into eval/lm_eval/."
+            "<run.output_dir>/eval/; with eval.lm_eval, then run lm-evaluation-harness into eval/lm_eval/. "
+            "Resumable (finished batches are kept in eval/shards/); under torchrun the batches split over ranks."
         ),
     )
     _add_recipe_arguments(evaluate)
@@ -219,7 +231,58 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--samples", type=_positive_int, default=32, help="prompts decoded (default 32)")
     decode.add_argument("--repeats", type=_at_least_five, default=5, help="timed runs per setting, >= 5 (default 5)")
     decode.add_argument("--out", type=Path, default=None, help="JSON file (default <output_dir>/bench/decode.json)")
+    decode.add_argument(
+        "--batch-sizes", type=_positive_ints, default=None, help="comma-separated batch sizes (default eval.batch_size)"
+    )
+    decode.add_argument(
+        "--paths",
+        type=_decoding_paths,
+        default=None,
+        help="comma-separated decoding paths among eager, static, compiled (default eager,static; all three on a GPU)",
+    )
+    decode.add_argument(
+        "--ar",
+        type=Path,
+        default=None,
+        help="AR checkpoint decoded with a KV cache beside the decoders (default <output_dir>/ar-baseline if present)",
+    )
+    decode.add_argument("--no-ar", action="store_true", help="leave the AR baseline out")
+    train = benches.add_parser(
+        "train",
+        help="time the distillation step under each DeepSpeed profile: step time, tokens/s, MFU",
+        description=(
+            "Build the recipe's distillation under each DeepSpeed profile and time its steps; write step times, "
+            "tokens/s, FLOPs per step and MFU as JSON (launch with torchrun for several ranks)."
+        ),
+    )
+    _add_recipe_arguments(train)
+    train.add_argument(
+        "--profiles", default=None, help="comma-separated DeepSpeed profiles (default: every shipped profile)"
+    )
+    train.add_argument("--steps", type=_at_least_five, default=5, help="timed steps per profile, >= 5 (default 5)")
+    train.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
+    train.add_argument("--peak-tflops", type=float, default=None, help="also report MFU against this peak (TFLOP/s)")
+    train.add_argument("--out", type=Path, default=None, help="JSON file (default <output_dir>/bench/train.json)")
     return parser
+
+
+def _positive_ints(text: str) -> list[int]:
+    values = [word.strip() for word in text.split(",") if word.strip()]
+    if not values or not all(value.isdigit() and int(value) > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return [int(value) for value in values]
+
+
+def _decoding_paths(text: str) -> tuple[str, ...]:
+    from eval.bench import PATHS
+
+    values = tuple(word.strip() for word in text.split(",") if word.strip())
+    unknown = [value for value in values if value not in PATHS]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown decoding path {unknown[0] if unknown else text!r} ({', '.join(PATHS)})"
+        )
+    return values
 
 
 def _checkpoint(text: str) -> str | int:
@@ -245,7 +308,9 @@ def _at_least_five(text: str) -> int:
 
 
 def _load(args: argparse.Namespace) -> Recipe:
-    return load_recipe(args.recipe, args.overrides)
+    # A flag is an override like any other, applied last so that it wins over the same key given as an override.
+    flags = ["run.strict_hash=true"] if getattr(args, "strict_hash", False) else []
+    return load_recipe(args.recipe, [*args.overrides, *flags])
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -300,7 +365,14 @@ def _check_tasks(recipe: Recipe, tasks: list[str]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     recipe = _load(args)
     _check_tasks(recipe, args.task or [])
-    from distill.run import benchmark_rows, check_before_work, eval_rows, evaluate_rows, held_run_directory
+    from distill.run import (
+        benchmark_rows,
+        check_before_work,
+        eval_rows,
+        evaluate_rows,
+        held_run_directory,
+        is_main_process,
+    )
     from eval.tasks import write_task_datasets
 
     out_dir = Path(recipe.run.output_dir)
@@ -314,9 +386,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rows = eval_rows(recipe, {})
     with held_run_directory(out_dir):
-        write_task_datasets(datasets, recipe.data, recipe.run.seed, out_dir / "data")
+        # Under a launcher every rank decodes its share (`evaluate_rows`, from the datasets in memory); rank 0 alone
+        # writes the data, the logs and the report, and runs lm-eval while the others wait at `entry`'s barrier.
+        if is_main_process():
+            write_task_datasets(datasets, recipe.data, recipe.run.seed, out_dir / "data")
         evaluate_rows(recipe, datasets, rows, out_dir / "eval")
-        benchmark_rows(recipe, rows, out_dir / "eval" / "lm_eval")  # eval.lm_eval, when the recipe has it
+        if is_main_process():
+            benchmark_rows(recipe, rows, out_dir / "eval" / "lm_eval")  # eval.lm_eval, when the recipe has it
     return 0
 
 
@@ -340,6 +416,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     recipe = _load(args)
+    if args.bench == "train":
+        return bench_train(recipe, args)
     if args.task is not None:
         _check_tasks(recipe, [args.task])
     from eval.bench import run_decode_bench
@@ -348,6 +426,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or recipe.teacher.path or out_dir / "teacher"
     if not (Path(checkpoint) / "config.json").is_file():
         raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a model directory (no config.json)")
+    ar_checkpoint = None if args.no_ar else args.ar or out_dir / "ar-baseline"
+    if ar_checkpoint is not None and not (Path(ar_checkpoint) / "config.json").is_file():
+        if args.ar is not None:
+            raise FileNotFoundError(f"--ar: {ar_checkpoint} is not a model directory (no config.json)")
+        ar_checkpoint = None  # the default: only when the run has one
     run_decode_bench(
         recipe,
         Path(checkpoint),
@@ -355,6 +438,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         samples=args.samples,
         repeats=args.repeats,
         out_path=args.out or out_dir / "bench" / "decode.json",
+        batch_sizes=args.batch_sizes,
+        paths=args.paths,
+        ar_checkpoint=ar_checkpoint,
+    )
+    return 0
+
+
+def bench_train(recipe, args: argparse.Namespace) -> int:
+    from distill.recipe import deepspeed_profiles
+
+    profiles = [name.strip() for name in args.profiles.split(",") if name.strip()] if args.profiles else None
+    unknown = [name for name in profiles or [] if name not in deepspeed_profiles()]
+    if unknown:
+        raise RecipeError(f"--profiles: unknown profile '{unknown[0]}' (profiles: {', '.join(deepspeed_profiles())})")
+    if args.warmup < 0:
+        raise RecipeError(f"--warmup: must be >= 0, got {args.warmup}")
+    from distill.bench_train import run_train_bench  # imports DeepSpeed
+
+    out_path = args.out or Path(recipe.run.output_dir) / "bench" / "train.json"
+    run_train_bench(
+        recipe, profiles=profiles, steps=args.steps, warmup=args.warmup, out_path=out_path, peak_tflops=args.peak_tflops
     )
     return 0
 

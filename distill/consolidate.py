@@ -137,7 +137,7 @@ def load_student(recipe: Recipe, run_dir: Path, checkpoint: Path) -> tuple[Teach
     consolidation facts (`zero_stage`, `world_size`)."""
     state, facts = consolidate(checkpoint)
     # fp32 whatever the recipe's inference dtype: the consolidated weights are the fp32 master copy.
-    teacher = load_teacher(recipe.teacher.name, teacher_dir_of(recipe, run_dir), "fp32")
+    teacher = load_teacher(recipe.teacher.name, teacher_dir_of(recipe, run_dir), "fp32", "cpu")
     student = build_student(teacher, recipe.student)
     _check_weights(student, state, checkpoint, recipe.student.kind)
     student.load_state_dict(state, strict=True)

@@ -10,6 +10,7 @@ all decode through `decode` here.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ class DecodeResult:
     order: torch.Tensor  # [B, gen_length] step at which each position was committed, -1 if no forward did
     nfe: torch.Tensor  # [B] forward passes each sample took part in
     generated: torch.Tensor  # [B] response tokens before the first end token, pinned tokens excluded
+    forwards: int = 0  # forwards of the batch
+    prefills: int = 0  # cache prefills besides them
 
     @property
     def tpf(self) -> torch.Tensor:
@@ -77,11 +80,13 @@ def decode_settings(teacher: Teacher, config: DecoderConfig, gen_length: int) ->
     names = ("steps", "block_length", "threshold", "confidence", "remasking", "temperature", "top_k", "top_p")
     names += ("activate_fraction", "full_activate_fraction", "eos_fill", "fixed_length", "cache", "cache_delay")
     names += ("refresh_every",)
+    static = config.static or config.compile  # a compiled forward needs the fixed shapes of the static path
     try:
         return DecodeSettings(
             decoder=config.name,
             gen_length=gen_length,
             pin_ids=pin_ids,
+            static=static,
             **{name: getattr(config, name) for name in names},
         )
     except ValueError as error:
@@ -97,6 +102,19 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
     return ids, mask
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` through `torch.compile`, once per model (later decodes reuse its compiled shapes): CUDA graphs
+    (`reduce-overhead`) on a GPU, inductor's default on CPU; fixed shapes (`dynamic=False`), as the static path
+    gives them."""
+    if model not in _COMPILED:
+        on_gpu = next(model.parameters()).is_cuda
+        _COMPILED[model] = torch.compile(model, mode="reduce-overhead" if on_gpu else "default", dynamic=False)
+    return _COMPILED[model]
 
 
 @torch.no_grad()
@@ -125,8 +143,11 @@ def decode(
         images = {name: value.to(device) for name, value in images.items()}
         prompt_images = teacher.row_images(prompt_ids.to(device), **images)
 
+    # Forwards run through the compiled model; prefills (a few per decode, each of another shape) do not.
+    stepping = teacher.with_model(compiled(teacher.model)) if config.compile else teacher
+
     def forward(ids, mask, start, cache, **inputs):
-        return teacher.forward(ids, mask, cache=cache, start=start, **inputs)
+        return stepping.forward(ids, mask, cache=cache, start=start, **inputs)
 
     out = generate(
         forward,
@@ -140,5 +161,10 @@ def decode(
         prompt_images=prompt_images,
     )
     return DecodeResult(
-        tokens=out.tokens.cpu(), order=out.order.cpu(), nfe=out.nfe.cpu(), generated=out.generated.cpu()
+        tokens=out.tokens.cpu(),
+        order=out.order.cpu(),
+        nfe=out.nfe.cpu(),
+        generated=out.generated.cpu(),
+        forwards=out.forwards,
+        prefills=out.prefills,
     )

@@ -32,13 +32,21 @@ from peft import PeftModel
 
 from distill.d3llm import Curriculum, TrajectoryBatches
 from distill.data import SequencePool, encode_records
-from distill.losses import certainty_forcing_loss, mask_tokens, masked_ce, masked_diffusion_loss, next_token_loss
+from distill.losses import (
+    certainty_forcing_loss,
+    loss_start,
+    mask_tokens,
+    masked_ce,
+    masked_diffusion_loss,
+    next_token_loss,
+)
 from distill.ranks import current_rank
 from distill.recipe import LossTerm, Recipe
 from distill.sdtt import SDTT_ROUNDS_DIR, TeacherRounds, sdtt_loss_fn
-from distill.trainer import BatchFn, LossFn, Trainer, latest_complete_checkpoint
-from distill.trajectories import data_hash, teacher_hash
-from students.build import build_student, freeze, merged_model, trainable_parameters
+from distill.trainer import BatchFn, LossFn, Trainer, build_deepspeed_config, latest_complete_checkpoint
+from distill.trajectories import data_hash
+from students.build import freeze, load_student, merged_model, trainable_parameters
+from teachers.fingerprint import checkpoint_fingerprint
 from teachers.interface import Teacher, load_teacher, save_teacher
 from teachers.vision import vision_of
 
@@ -56,31 +64,38 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
 
     def loss_fn(model, batch, generator):
         student = teacher.with_model(model)
-        targets, attention, vision = batch["targets"], batch["attention_mask"], vision_of(batch)
-        logits = student.forward(batch["input_ids"], attention, **vision)
+        attention, vision = batch["attention_mask"], vision_of(batch)
+        # Every loss position lies on the canvas, the last L columns (left padding): only those are scored.
+        start = loss_start(batch["canvas_mask"])
+        targets, canvas = batch["targets"][:, start:], batch["canvas_mask"][:, start:]
+        masked, complement_masked = batch["masked"][:, start:], batch["complement_masked"][:, start:]
+        logits = student.forward(batch["input_ids"], attention, start=start, **vision)
         values: dict[str, torch.Tensor] = {}
         if "trajectory_ce" in weights:
-            values["trajectory_ce"] = masked_ce(logits, targets, batch["masked"])
+            values["trajectory_ce"] = masked_ce(logits, targets, masked)
         complement_logits = None
         if "complementary_ce" in weights:
-            complement_logits = student.forward(batch["complement_ids"], attention, **vision)
-            values["complementary_ce"] = masked_ce(complement_logits, targets, batch["complement_masked"])
+            complement_logits = student.forward(batch["complement_ids"], attention, start=start, **vision)
+            values["complementary_ce"] = masked_ce(complement_logits, targets, complement_masked)
         if "certainty_forcing" in weights:
             temperature = weights["certainty_forcing"].temperature
-            certainty = certainty_forcing_loss(logits, targets, batch["masked"], temperature)
+            certainty = certainty_forcing_loss(logits, targets, masked, temperature)
             if complement_logits is not None:
-                complement = certainty_forcing_loss(complement_logits, targets, batch["complement_masked"], temperature)
+                complement = certainty_forcing_loss(complement_logits, targets, complement_masked, temperature)
                 certainty = certainty + complement
             values["certainty_forcing"] = certainty
         if "masked_diffusion" in weights:
-            noisy, masked, t = mask_tokens(targets, batch["canvas_mask"], teacher.mask_token_id, MASK_EPS, generator)
-            diffusion_logits = student.forward(noisy, attention, **vision)
+            # Noised at full width, so a generator draws what it drew before the forward was cut to the canvas.
+            noisy, noised, t = mask_tokens(
+                batch["targets"], batch["canvas_mask"], teacher.mask_token_id, MASK_EPS, generator
+            )
+            diffusion_logits = student.forward(noisy, attention, start=start, **vision)
             values["masked_diffusion"] = masked_diffusion_loss(
-                diffusion_logits, targets, masked, t, batch["canvas_mask"], "uniform"
+                diffusion_logits, targets, noised[:, start:], t, canvas, "uniform"
             )
         if "next_token" in weights:
-            causal_logits = student.forward(targets, attention, causal=True, **vision)
-            values["next_token"] = next_token_loss(causal_logits, targets, batch["canvas_mask"])
+            causal_logits = student.forward(batch["targets"], attention, causal=True, start=start, **vision)
+            values["next_token"] = next_token_loss(causal_logits, targets, canvas)
         loss = sum(weights[kind].weight * value for kind, value in values.items())
         metrics = {kind: value.item() for kind, value in values.items()}
         metrics.update(mask_floor=float(batch["floor"]), window=float(batch["window"]))
@@ -186,11 +201,19 @@ def build_distillation(
     `records` are trajectory records (`prompt_ids`, `target_ids`, `order`) for a trajectory run, or the task
     training records (`id`, `prompt`, `response`) for an `sdtt` run.
     """
-    teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
-    freeze(teacher.model)
+    if recipe.distill.is_sdtt:
+        # SDTT's targets are the teacher's own two decoding steps: a frozen copy on every rank, in the recipe's
+        # dtype on the rank's device (bf16 for a 7B teacher: ~15 GB per GPU beside the student, docs/scale.md).
+        teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
+        freeze(teacher.model)
+    else:
+        # Pseudo-trajectories carry the teacher's signal: no teacher forward, so no teacher weights in memory.
+        teacher = load_teacher(recipe.teacher.name, teacher_dir, weights=False)
     # LoRA adapters are drawn from the global RNG: seed it so every rank and every rerun builds the same student.
     torch.manual_seed(recipe.run.seed)
-    student = build_student(teacher, recipe.student)
+    # Under ZeRO-3 the student is partitioned as it is built (zero.Init): no rank holds a full copy.
+    deepspeed_config = build_deepspeed_config(recipe.train)
+    student = load_student(teacher, teacher_dir, recipe.student, recipe.teacher.dtype, deepspeed_config)
     trainable, total = trainable_parameters(student)
     if current_rank() == 0:
         print(f"[distill] student '{recipe.student.kind}': {trainable:,} of {total:,} parameters train")
@@ -209,7 +232,7 @@ def build_distillation(
         loss_fn = sdtt_distillation_loss(teacher, rounds, term.weight)
         # The teacher's weights and the task sequences, where a trajectory run has the trajectories.
         identity.update(
-            teacher=teacher_hash(teacher_dir),
+            teacher=checkpoint_fingerprint(teacher_dir, strict=recipe.run.strict_hash),
             records=data_hash(records),
             targets=recipe.targets.model_dump(mode="json"),
             canvas=recipe.data.max_response_tokens,
@@ -239,16 +262,16 @@ def build_distillation(
     return teacher, trainer
 
 
-def save_student(recipe: Recipe, teacher: Teacher, trainer: Trainer, out_dir: Path) -> Path:
+def save_student(recipe: Recipe, teacher: Teacher, trainer: Trainer, out_dir: Path, teacher_dir: Path) -> Path:
     """Gather the trained weights (collective: every rank calls it) and save the student, LoRA merged, as
-    `out_dir/student` from rank 0."""
+    `out_dir/student` from rank 0 (`teacher_dir` rebuilds a ZeRO-3 student whole on rank 0)."""
     state = trainer.full_state_dict()
     student_dir = out_dir / "student"
     if trainer.is_main:
         student = trainer.model
         if any(hasattr(parameter, "ds_id") for parameter in student.parameters()):
-            # ZeRO-3 leaves the engine's module partitioned: load the gathered weights into a fresh copy.
-            student = build_student(teacher, recipe.student)
+            # ZeRO-3 leaves the engine's module partitioned: load the gathered weights into a fresh CPU copy.
+            student = load_student(teacher, teacher_dir, recipe.student, recipe.teacher.dtype)
         student.load_state_dict(state)
         student = merged_model(student)
         student.eval()
@@ -261,4 +284,4 @@ def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_
     """Train the student (see `build_distillation` for `records`); returns the saved `out_dir/student`."""
     teacher, trainer = build_distillation(recipe, teacher_dir, records, out_dir)
     trainer.train()
-    return save_student(recipe, teacher, trainer, out_dir)
+    return save_student(recipe, teacher, trainer, out_dir, teacher_dir)

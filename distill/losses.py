@@ -1,12 +1,65 @@
 """Training objectives, one function each, on logits aligned so that position i scores token i.
 
 Shapes: `logits [B, T, V]`, `targets [B, T]` token ids, masks `[B, T]` (bool or 0/1).
+
+Memory. At a 150k vocabulary the logits and the float32 tensors computed from them dominate a step's memory. So
+callers score only the columns from `loss_start(mask)` on (`Teacher.forward(start=...)`): every loss position lies
+in the response, and a prompt of any length then adds nothing to the logits. The functions below take those
+`[B, W, V]` logits with targets and masks sliced the same way (`[:, start:]`), and compute each per-position term
+in chunks of positions (`per_position`), so the float32 intermediates kept for the backward are a chunk's, not
+`[B, W, V]` ones (peaks measured in tests/distill/test_memory.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def loss_start(loss_mask: torch.Tensor) -> int:
+    """The first column of `loss_mask` `[B, T]` holding a loss position in any row (0 when none does).
+
+    Left-padded batches (d3LLM trajectories) give `T - L`, L the canvas width; right-padded ones (`SequencePool`)
+    the shortest prompt's length. A host sync: the column is a Python int for slicing.
+    """
+    return int(loss_mask.bool().any(0).int().argmax())
+
+
+CHUNKS = 8  # position chunks of a loss over logits: its float32 intermediates are 1/8 of the logits' size
+
+
+def chunk_size(width: int) -> int:
+    """Positions per chunk for `width` positions: `ceil(width / CHUNKS)`, at least 1."""
+    return max(1, -(-width // CHUNKS))
+
+
+def per_position(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn` over chunks of positions, `[B, W, ...]` inputs -> `[B, W]`: `fn(*(t[:, chunk] for t in tensors))` gives
+    `[B, c]` per chunk, concatenated.
+
+    Why: a per-position loss on `[B, W, V]` logits keeps `[B, W, V]` float32 intermediates (log-softmax, its exp)
+    from its forward to the backward, several times the size of bf16 logits. Each chunk runs under activation
+    checkpointing, so only its inputs are kept, and its intermediates, recomputed in the backward, are `[B, c, V]`.
+    `fn` must draw no random numbers (its RNG state is not replayed).
+    """
+    size = chunk_size(tensors[0].shape[1])
+    chunks = zip(*(tensor.split(size, dim=1) for tensor in tensors), strict=True)
+    values = [checkpoint(fn, *chunk, use_reentrant=False, preserve_rng_state=False) for chunk in chunks]
+    return torch.cat(values, dim=1)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Upcast (a chunk) first: on bf16 logits F.cross_entropy returns bf16 values, up to 0.06 nats off at ~15.
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE of each position in float32, `[B, W, V], [B, W] -> [B, W]`, chunked (`per_position`); every CE term's."""
+    return per_position(_cross_entropy, logits, targets)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -16,7 +69,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torc
     `CE(logits_i, x_i)` is next-token prediction (Dimple's autoregressive phase).
     """
     loss_mask = loss_mask.bool()
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    per_token = token_cross_entropy(logits, targets)
     return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
 
@@ -59,7 +112,7 @@ def masked_diffusion_loss(
     `t [B]` is the masking probability each sample was noised with.
     """
     masked = masked.bool()
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    per_token = token_cross_entropy(logits, targets)
     masked_sum = (per_token * masked).sum(-1)
     if weighting == "inverse_t":
         per_sample = masked_sum / t / response_mask.sum(-1).clamp(min=1)
@@ -120,7 +173,7 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor)
     `logits [B, T, V]`, `targets [B, T]`, `masked [B, T]`; 0 when nothing is masked.
     """
     masked = masked.bool()
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    per_token = token_cross_entropy(logits, targets)
     return (per_token * masked).sum() / masked.sum().clamp(min=1)
 
 
@@ -134,6 +187,10 @@ def certainty_forcing_loss(
     confidence threshold in the same forward; wrong positions are left to the CE terms. T = 0.5 by default.
     """
     correct = masked.bool() & (logits.argmax(-1) == targets)
-    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    entropy = per_position(partial(_tempered_entropy, temperature=temperature), logits)
     return (entropy * correct).sum() / correct.sum().clamp(min=1)
+
+
+def _tempered_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)

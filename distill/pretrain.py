@@ -23,35 +23,51 @@ import torch
 import torch.distributed as dist
 
 from distill.data import SequencePool, encode_records
-from distill.losses import mask_tokens, masked_diffusion_loss, next_token_loss
+from distill.losses import loss_start, mask_tokens, masked_diffusion_loss, next_token_loss
 from distill.ranks import current_rank
 from distill.recipe import Recipe, TrainConfig
-from distill.trainer import RESUME_SAFE_FIELDS, Trainer
+from distill.trainer import RESUME_SAFE_FIELDS, LossFn, Trainer
 from students.build import set_vision_training
 from teachers.interface import Teacher, new_teacher, save_teacher
 from teachers.vision import vision_of
 
 
-def ar_loss(teacher: Teacher):
+def ar_loss(teacher: Teacher) -> LossFn:
+    """Next-token CE on the response tokens under causal attention, logged as `ar_ce`.
+
+    Only the columns from the first response token on are scored (`loss_start`): rows are right-padded
+    `[prompt | response]`, so that is the shortest prompt's length, and no prompt position carries a loss.
+    """
+
     def loss_fn(model, batch, generator):
+        start = loss_start(batch["response_mask"])
         logits = teacher.with_model(model).forward(
-            batch["input_ids"], batch["attention_mask"], causal=True, **vision_of(batch)
+            batch["input_ids"], batch["attention_mask"], causal=True, start=start, **vision_of(batch)
         )
-        loss = next_token_loss(logits, batch["input_ids"], batch["response_mask"])
+        loss = next_token_loss(logits, batch["input_ids"][:, start:], batch["response_mask"][:, start:])
         return loss, {"ar_ce": loss.item()}
 
     return loss_fn
 
 
-def diffusion_loss(teacher: Teacher, eps: float, weighting: str, ar_anchor_weight: float = 0.0):
+def diffusion_loss(teacher: Teacher, eps: float, weighting: str, ar_anchor_weight: float = 0.0) -> LossFn:
+    """Masked-diffusion CE on the noised response tokens (`masked_diffusion_loss` with `weighting`), plus
+    `ar_anchor_weight` times `ar_loss`; logs `diffusion_ce` and `masked_fraction` (and `ar_ce` when anchored).
+
+    Scores the columns from the first response token on, as `ar_loss` does; the noise is drawn at full width.
+    """
     anchor = ar_loss(teacher) if ar_anchor_weight > 0 else None
 
     def loss_fn(model, batch, generator):
         noisy, masked, t = mask_tokens(
             batch["input_ids"], batch["response_mask"], teacher.mask_token_id, eps, generator
         )
-        logits = teacher.with_model(model).forward(noisy, batch["attention_mask"], causal=False, **vision_of(batch))
-        loss = masked_diffusion_loss(logits, batch["input_ids"], masked, t, batch["response_mask"], weighting)
+        start = loss_start(batch["response_mask"])
+        logits = teacher.with_model(model).forward(
+            noisy, batch["attention_mask"], causal=False, start=start, **vision_of(batch)
+        )
+        ids, response = batch["input_ids"][:, start:], batch["response_mask"][:, start:]
+        loss = masked_diffusion_loss(logits, ids, masked[:, start:], t, response, weighting)
         metrics = {"diffusion_ce": loss.item(), "masked_fraction": (masked.sum() / batch["response_mask"].sum()).item()}
         if anchor is not None:
             anchor_loss, anchor_metrics = anchor(model, batch, generator)

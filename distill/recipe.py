@@ -83,6 +83,12 @@ class RunConfig(Section):
       that loads without fewstep, and verify it; see `ExportConfig`).
     - `cache_dir`: where pretrained teachers are cached by the hash of their recipe sections so a later run with
       the same teacher + data reuses them; null disables the cache.
+    - `strict_hash`: how the teacher checkpoint is identified for trajectory sets and SDTT resume
+      (`teachers.fingerprint.checkpoint_fingerprint`). false (default): config, tokenizer, safetensors headers,
+      file sizes and mtimes, without reading the weights; a copy that keeps mtimes (`cp -p`, `rsync -a`) is the
+      same teacher, a rewrite of the weights is another. true: the sha256 of every weight byte instead of mtimes
+      (minutes on a 7B model, per rank and start), for copies that do not keep mtimes or ranks on several machines
+      with their own copies. CLI: `--strict-hash` on `run` and `trajectories`.
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")] = "run"
@@ -93,6 +99,7 @@ class RunConfig(Section):
         "eval",
     ]
     cache_dir: PathField | None = None
+    strict_hash: bool = False
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> RunConfig:
@@ -623,6 +630,11 @@ class ChainArithmeticTask(Section):
     - `min_value` / `max_value`: the start count, every added or removed amount, every bag size M, every product
       and every running count lie in min_value..max_value; bag counts K are 2..9. max_value must be at least
       3 * min_value, so that from any count an addition or a subtraction of at least min_value stays in range.
+    - `step_order`: `question` writes the equations in the question's order. `shuffled` writes the question's
+      operations in an order drawn per problem among those that keep every running count in range (a bag
+      purchase stays its two equations): the answer is the same, the written solution is one of several right
+      ones, as worked solutions are (GSM8K's are). A model trained on them is unsure which operation comes next,
+      so a decoder that commits several tokens of a step in one forward can mix two solutions.
 
     At the defaults (4 operations, 10..99) every number but K has two digits, so every step is 11 or 12
     characters and a response is 60 to 62 characters, 52 to 54 of them before `####` (response + EOS fits a
@@ -636,6 +648,7 @@ class ChainArithmeticTask(Section):
     max_steps: PositiveInt = 4
     min_value: PositiveInt = 10
     max_value: PositiveInt = 99
+    step_order: Literal["question", "shuffled"] = "question"
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> ChainArithmeticTask:
@@ -849,6 +862,14 @@ class DecoderConfig(Section):
     - `refresh_every`: every N-th forward of a batch is a full forward without the cache, so that step sees exact
       logits (d3LLM's periodic refresh); 0 never refreshes.
 
+    Parameters of the static path (GPU speed; the same tokens as without them):
+    - `static`: the model always runs on the whole batch (finished samples stay in it) and the prefix cache lives
+      in buffers allocated once per decode, so every forward of a block has fixed shapes and buffer addresses.
+      Decodes token for token as the default (eager) path does; costs compute on finished samples.
+    - `compile`: run the model's forwards through `torch.compile` (mode `reduce-overhead`, i.e. CUDA graphs, on a
+      GPU; the default mode on CPU), on the static path (implied). The first decode of each shape compiles (one
+      shape per block for `blocks`); `distill bench decode` measures the gain.
+
     Parameters of structure priors (Dimple):
     - `pins`: `{position: text}`; the text's tokens are committed at that response position before decoding
       (e.g. `{-8: "#### "}` or a JSON skeleton). A negative position counts from the end of the response
@@ -873,6 +894,8 @@ class DecoderConfig(Section):
     cache: Literal["none", "prompt", "blocks"] | None = None
     cache_delay: NonNegativeInt = 1
     refresh_every: NonNegativeInt = 0
+    static: bool = False
+    compile: bool = False
     pins: dict[int, Annotated[str, Field(min_length=1)]] = {}
     fixed_length: PositiveInt | None = None
 

@@ -21,6 +21,8 @@ same checks and lock from here. Everything lands in `run.output_dir`:
     student/             the distilled student (LoRA merged), loads like the teacher
     eval/report.{json,md,html}, eval/report-<task>.png   the AUP report (`eval/report.py` has the JSON schema)
     eval/<row>/<task>.jsonl   per-sample logs of every decoder and knob value (each line names both)
+    eval/shards/<row>/<task>/ each rank's decoded batches of every point, kept as the cache a rerun reuses
+                         (`eval/evaluate.py`)
     eval/lm_eval/        with `eval.lm_eval`: the lm-evaluation-harness sweeps' AUP report and per-document logs
                          (`eval/benchmarks.py`), or each row's `results.json`
     export/              the student as a Hugging Face folder that loads without fewstep (`export.out_dir`;
@@ -56,7 +58,7 @@ from distill.trajectories import (
     load_trajectories,
     training_records,
 )
-from eval.evaluate import report_row, sweep_decoder, write_sample_log
+from eval.evaluate import SHARDS_DIR, EvalShards, model_identity, report_row, sweep_decoder, write_sample_log
 from eval.report import aup_lines, frontier_lines, hardware_name, new_report, write_report
 from eval.tasks import read_task_datasets, write_task_datasets
 from eval.userdata import record_location
@@ -244,18 +246,27 @@ def sdtt_curve(report: dict, schedule: list[dict]) -> list[dict]:
 def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], out_dir: Path) -> dict:
     """Score every row x task x decoder x knob value; write the per-sample logs and the report into `out_dir`.
 
-    Returns the report (the content of `report.json`). `distill run`'s eval stage and `distill eval` both call this.
+    Every rank of a launcher calls it, each with its own copy of each row's model: the ranks share out every
+    point's batches and read each other's results from the shard files under `out_dir/shards/` (the cache a rerun
+    reuses; `eval.evaluate.evaluate_sharded`), so all of them score the same points and stop the same sweeps. Rank
+    0 alone prints, writes the per-sample logs and the report. Returns the report (the content of `report.json`) on
+    every rank. `distill run`'s eval stage and `distill eval` both call this.
     """
+    rank, world_size = join_ranks()
+    main = rank == 0
     tasks = recipe.eval.tasks or recipe.data.task_names()
     rows_by_task: dict[str, list[dict]] = {task: [] for task in tasks}
     for row, checkpoint in checkpoints.items():
         teacher = load_teacher(recipe.teacher.name, checkpoint, recipe.teacher.dtype)
-        hardware = hardware_name(teacher.device)
+        model = model_identity(checkpoint, recipe.teacher.dtype, strict=recipe.run.strict_hash)
+        # tokens/s is the whole world's (the slowest rank's time for every rank's tokens): the report says so.
+        hardware = hardware_name(teacher.device) + (f" x {world_size} ranks" if world_size > 1 else "")
         for task in tasks:
             records = list(datasets[task]["eval"])
             if recipe.eval.max_samples is not None:
                 records = records[: recipe.eval.max_samples]
             log = Path(row) / f"{task}.jsonl"
+            shards = EvalShards(out_dir / SHARDS_DIR / row / task, model, rank, world_size)
             sample_logs: list[dict] = []
             for decoder in row_decoders(recipe, row):
                 gen_length = decoder.gen_length or recipe.data.max_response_tokens
@@ -270,13 +281,16 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
                     task=task,
                     row=row,
                     seed=recipe.run.seed,
+                    shards=shards,
                 ):
                     sample_logs += [{"decoder": decoder.report_name, "knob": knob} | line for line in result.logs]
-                    print(
-                        f"[eval] {row:12s} {task:14s} {decoder.report_name} {decoder.knob}={knob}  "
-                        f"accuracy {result.accuracy:6.2f}%  NFE {result.nfe:6.2f}  TPF {result.tpf:5.3f}  "
-                        f"{result.tokens_per_s:8.1f} tok/s  ({result.samples} samples)"
-                    )
+                    reused = f", {result.reused_batches} batches reused" if result.reused_batches else ""
+                    if main:
+                        print(
+                            f"[eval] {row:12s} {task:14s} {decoder.report_name} {decoder.knob}={knob}  "
+                            f"accuracy {result.accuracy:6.2f}%  NFE {result.nfe:6.2f}  TPF {result.tpf:5.3f}  "
+                            f"{result.tokens_per_s:8.1f} tok/s  ({result.samples} samples{reused})"
+                        )
                     points.append(
                         {
                             "knob": knob,
@@ -293,10 +307,12 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
                 scored = report_row(
                     row, decoder, gen_length, points, run=run_name, hardware=hardware, batch_size=batch_size
                 )
-                if scored["cut_short"]:
+                if scored["cut_short"] and main:
                     print(f"[eval] {row:12s} {task:14s} {decoder.report_name} cut short: {scored['cut_short_reason']}")
                 rows_by_task[task].append(scored)
-            write_sample_log(sample_logs, out_dir / log)
+            if main:
+                write_sample_log(sample_logs, out_dir / log)
+                shards.prune()
     report = new_report(
         rows_by_task,
         run=recipe.run.name,
@@ -304,10 +320,11 @@ def evaluate_rows(recipe: Recipe, datasets: dict, checkpoints: dict[str, Path], 
         batch_size=recipe.eval.batch_size,
         recipe_hash=recipe.section_hash(*type(recipe).model_fields),
     )
-    write_report(report, out_dir)
-    for line in aup_lines(report):
-        print(f"[eval] {line}")
-    print(f"[eval] report: {out_dir / 'report.md'}")
+    if main:
+        write_report(report, out_dir)
+        for line in aup_lines(report):
+            print(f"[eval] {line}")
+        print(f"[eval] report: {out_dir / 'report.md'}")
     return report
 
 
@@ -395,6 +412,7 @@ def check_before_work(recipe: Recipe, stages: Sequence[str]) -> dict:
     _check_splits(recipe, datasets, trains, eval_tasks)
     teacher, positions = _tokenizing_teacher(recipe, stages, pretrains)
     if teacher is not None:
+        _refuse_causal_objectives(recipe, teacher, stages, pretrains)
         eval_canvas = max(d.gen_length or recipe.data.max_response_tokens for d in recipe.eval.all_decoders())
         for task in recipe.data.task_names() if trains else []:
             canvas = recipe.data.max_response_tokens
@@ -470,6 +488,19 @@ def _tokenizing_teacher(recipe: Recipe, stages: Sequence[str], pretrains: bool) 
             "or add the teacher stage"
         )
     return None, None
+
+
+def _refuse_causal_objectives(recipe: Recipe, teacher: Teacher, stages: Sequence[str], pretrains: bool) -> None:
+    """The AR phase, the AR anchor and the `next_token` term read position i's logits for token i under causal
+    attention: right for a shifted head (Dream, Dimple: position i-1 scores token i), a copy task for an unshifted
+    one (LLaDA: position i sees the token it scores). Refused before work rather than trained into nonsense."""
+    if teacher.shifted:
+        return
+    why = f"{teacher.name}'s head scores token i at position i, which causal attention lets see token i (a copy task)"
+    if pretrains:
+        raise RecipeError(f"teacher.pretrain: the AR phase cannot train a {teacher.name} teacher: {why}")
+    if "distill" in stages and any(term.kind == "next_token" for term in recipe.distill.losses):
+        raise RecipeError(f"distill.losses: next_token cannot train a {teacher.name} student: {why}")
 
 
 def _check_safetensors(path: Path) -> None:
@@ -650,9 +681,12 @@ def run(recipe: Recipe) -> dict:
         # ---- evaluation ---------------------------------------------------------------------------------------
         results: list[dict] = []
         frontiers: list[dict] = []
-        if "eval" in recipe.run.stages and is_main_process():
+        if "eval" in recipe.run.stages:
+            # Every rank decodes its share of the eval (`evaluate_rows`); rank 0 alone writes and prints.
             began = time.perf_counter()
             announce(recipe, "eval", start)
+            if world_size > 1:
+                dist.barrier()  # the checkpoints every rank loads are on disk (a cached teacher is copied by rank 0)
             rows = eval_rows(recipe, checkpoints)
             # An SDTT run also scores each round's starting teacher, for the curve of student vs teacher per round.
             schedule = sdtt_round_rows(recipe) if recipe.distill.is_sdtt and "student" in rows else []
@@ -661,7 +695,7 @@ def run(recipe: Recipe) -> dict:
                     rows[step["teacher"]] = Path(step["teacher_path"])
             report = evaluate_rows(recipe, datasets, rows, out_dir / "eval")
             results, frontiers = report_summary(report), report_frontiers(report)
-            if schedule:
+            if schedule and rank == 0:
                 curve = sdtt_curve(report, schedule)
                 write_json(out_dir / "eval" / "sdtt_curve.json", curve)
                 for point in curve:
@@ -670,7 +704,10 @@ def run(recipe: Recipe) -> dict:
                         f"{point['teacher_steps']} steps {point['teacher_accuracy']}% vs {point['student']} at "
                         f"{point['student_steps']} steps {point['student_accuracy']}%"
                     )
-            benchmark_rows(recipe, rows, out_dir / "eval" / "lm_eval")
+            if rank == 0:
+                # lm-eval runs in rank 0's process alone; the other ranks wait at the next barrier (export's or
+                # the run's last), within the process group's timeout.
+                benchmark_rows(recipe, rows, out_dir / "eval" / "lm_eval")
             stage_seconds["eval"] = time.perf_counter() - began
 
         # ---- export -------------------------------------------------------------------------------------------

@@ -39,7 +39,16 @@ import torch
 
 from distill.decoding import confidence_of, sample_tokens, top_positions
 from distill.files import write_json
-from distill.losses import forward_kl, log_prob_mse, mask_tokens, reverse_kl, total_variation
+from distill.losses import (
+    chunk_size,
+    forward_kl,
+    log_prob_mse,
+    loss_start,
+    mask_tokens,
+    per_position,
+    reverse_kl,
+    total_variation,
+)
 from distill.recipe import DecoderConfig, TargetsConfig
 from teachers.interface import Teacher, save_teacher
 from teachers.vision import vision_of
@@ -62,9 +71,10 @@ DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 class SDTTTargets:
     """What the teacher's two steps from x_t produced."""
 
-    log_probs: torch.Tensor  # [B, T, V] float32 target log-distribution of every position (finite)
+    log_probs: torch.Tensor  # [B, T - start, V] float32 target log-distribution of positions start.. (finite)
     unmasked_at: torch.Tensor  # [B, T] teacher step (0 or 1) that unmasked the position; -1 if neither did
     x_s: torch.Tensor  # [B, T] ids after the two teacher steps
+    start: int = 0  # the column `log_probs` starts at
 
 
 def tokens_per_step(response_mask: torch.Tensor, dt: int | float) -> torch.Tensor:
@@ -90,6 +100,7 @@ def sdtt_targets(
     generator: torch.Generator | None,
     temperature: float = 1.0,
     vision: dict[str, torch.Tensor] | None = None,
+    start: int = 0,
 ) -> SDTTTargets:
     """The teacher's targets for the student's input `x_t` `[B, T]` (masked response positions hold the mask id).
 
@@ -99,10 +110,16 @@ def sdtt_targets(
     temperature-1 log-softmax of the aligned logits (the mask token keeps its small mass, so every target is
     finite); the mask token is never committed, as in the decoding engine. `vision` holds the rows' images
     (`pixel_values`, `image_grid_thw`), encoded by the teacher's vision tower once for all its steps.
+
+    `start` is the first column scored, at most `distill.losses.loss_start(response_mask)` (a response position
+    before it is a ValueError): the float32 `[B, T - start, V]` targets and the sampling's intermediates then do not
+    grow with the prompt. Sampled candidates (`temperature` > 0) draw their noise over those columns, chunk by chunk.
     """
+    response = response_mask.bool()
+    if response[:, :start].any():
+        raise ValueError(f"sdtt_targets: start {start} lies past the first response position")
     config = DecoderConfig(name="low_confidence", temperature=temperature)
     count = tokens_per_step(response_mask, dt)
-    response = response_mask.bool()
     x = x_t.clone()
     unmasked_at = torch.full_like(x_t, -1)
     log_probs = None
@@ -111,18 +128,29 @@ def sdtt_targets(
         features = teacher.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
         images = {"image_features": features, "image_grid_thw": vision["image_grid_thw"]}
     for step in range(TEACHER_STEPS):
-        masked = (x == teacher.mask_token_id) & response
-        logits = teacher.forward(x, attention_mask, **images).float()
-        step_log_probs = torch.log_softmax(logits, dim=-1)
+        masked = ((x == teacher.mask_token_id) & response)[:, start:]
+        logits = teacher.forward(x, attention_mask, start=start, **images)
+        if log_probs is None:
+            log_probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         # Positions unmasked at an earlier step keep that step's target; every other position takes this one's.
-        keep = (unmasked_at >= 0)[..., None]
-        log_probs = step_log_probs if log_probs is None else torch.where(keep, log_probs, step_log_probs)
-        logits[..., teacher.mask_token_id] = -torch.inf
-        tokens, probs = sample_tokens(logits, config, generator)
-        commit = top_positions(confidence_of(probs, tokens, "probability"), masked, count)
-        x = torch.where(commit, tokens, x)
-        unmasked_at = torch.where(commit, torch.full_like(unmasked_at, step), unmasked_at)
-    return SDTTTargets(log_probs=log_probs, unmasked_at=unmasked_at, x_s=x)
+        fresh = (unmasked_at[:, start:] < 0)[..., None]
+        # By chunks of positions, so the float32 (and, sampling, float64) [B, c, V] intermediates stay small and
+        # the targets, written in place, are the one [B, W, V] float32 tensor held.
+        size = chunk_size(logits.shape[1])
+        tokens, confidence = [], []
+        chunks = zip(logits.split(size, 1), log_probs.split(size, 1), fresh.split(size, 1), strict=True)
+        for chunk, target, chunk_fresh in chunks:
+            chunk = chunk.float()
+            target.copy_(torch.where(chunk_fresh, torch.log_softmax(chunk, dim=-1), target))
+            chunk[..., teacher.mask_token_id] = -torch.inf
+            chunk_tokens, probs = sample_tokens(chunk, config, generator)
+            tokens.append(chunk_tokens)
+            confidence.append(confidence_of(probs, chunk_tokens, "probability"))
+        tokens = torch.cat(tokens, dim=1)
+        commit = top_positions(torch.cat(confidence, dim=1), masked, count)
+        x[:, start:] = torch.where(commit, tokens, x[:, start:])
+        unmasked_at[:, start:] = torch.where(commit, step, unmasked_at[:, start:])
+    return SDTTTargets(log_probs=log_probs, unmasked_at=unmasked_at, x_s=x, start=start)
 
 
 def sdtt_loss(
@@ -130,16 +158,16 @@ def sdtt_loss(
 ) -> torch.Tensor:
     """Mean divergence between the student and the teacher targets over the positions masked in x_t.
 
-    `student_logits [B, T, V]` (aligned), `targets [B, T, V]` teacher log-probabilities (`SDTTTargets.log_probs`),
-    `masked [B, T]`; `divergence` names a function of `DIVERGENCES`:
-    `loss = sum_{b,i masked} D(p_s[b,i], p_t[b,i]) / |masked|`.
+    `student_logits [B, W, V]` (aligned), `targets [B, W, V]` teacher log-probabilities (`SDTTTargets.log_probs`),
+    `masked [B, W]`, over the same W columns; `divergence` names a function of `DIVERGENCES`:
+    `loss = sum_{b,i masked} D(p_s[b,i], p_t[b,i]) / |masked|`, computed in chunks of positions (`per_position`).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence '{divergence}' (known: {', '.join(DIVERGENCES)})")
     masked = masked.bool()
-    per_position = DIVERGENCES[divergence](student_logits, targets)
-    per_position = torch.where(masked, per_position, torch.zeros_like(per_position))
-    return per_position.sum() / masked.sum().clamp(min=1)
+    divergences = per_position(DIVERGENCES[divergence], student_logits, targets)
+    divergences = torch.where(masked, divergences, torch.zeros_like(divergences))
+    return divergences.sum() / masked.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +277,8 @@ def sdtt_loss_fn(
         noisy, masked, _ = mask_tokens(
             batch["input_ids"], batch["response_mask"], student.mask_token_id, eps, generator
         )
+        # Teacher and student score the columns from the first response position on (right-padded rows).
+        start = loss_start(batch["response_mask"])
         targets = sdtt_targets(
             rounds.teacher,
             noisy,
@@ -258,9 +288,10 @@ def sdtt_loss_fn(
             generator,
             config.temperature,
             vision_of(batch),
+            start,
         )
-        logits = student.with_model(model).forward(noisy, batch["attention_mask"], **vision_of(batch))
-        loss = sdtt_loss(logits, targets.log_probs, masked, config.divergence)
+        logits = student.with_model(model).forward(noisy, batch["attention_mask"], start=start, **vision_of(batch))
+        loss = sdtt_loss(logits, targets.log_probs, masked[:, start:], config.divergence)
         metrics = {"sdtt_round": current.round, "sdtt_dt": current.dt, "sdtt_teacher_steps": current.teacher_steps}
         return loss, metrics
 

@@ -151,7 +151,13 @@ def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     }
     if config.grad_clip > 0:
         generated["gradient_clipping"] = config.grad_clip
-    return deep_merge(generated, fill_deepspeed_auto(config.deepspeed, config.deepspeed_auto_values()))
+    merged = deep_merge(generated, fill_deepspeed_auto(config.deepspeed, config.deepspeed_auto_values()))
+    if merged["zero_optimization"].get("stage") == 3:
+        # ZeRO-3's "memory efficient linear" replaces torch.nn.functional.linear for the rest of the process and
+        # never puts it back, so a later stage of the same process (evaluation, export verification) would decode
+        # through DeepSpeed's function, not torch's: off unless the config turns it on.
+        merged["zero_optimization"].setdefault("memory_efficient_linear", False)
+    return merged
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -665,7 +671,7 @@ class Trainer:
                 window_tokens, window_start = 0.0, time.perf_counter()
                 for step_index in range(self.step, config.max_steps):
                     step = step_index + 1
-                    record = self._train_step(step_index)
+                    record = self.train_step(step_index)
                     self.step = step
                     tokens = record.pop("tokens")
                     total_tokens += tokens
@@ -690,7 +696,7 @@ class Trainer:
             summary["checkpoint_dir"] = str(self.checkpoint_dir / checkpoint_tag(last_checkpoint))
         return summary
 
-    def _train_step(self, step_index: int) -> dict[str, Any]:
+    def train_step(self, step_index: int) -> dict[str, Any]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; its metrics, averaged over ranks."""
         step = step_index + 1
         lr = self.engine.get_lr()[0]

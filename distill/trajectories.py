@@ -35,11 +35,12 @@ Storage, under `run.output_dir`:
         shard-00003-of-00016/            a finished shard: Arrow dataset + COMPLETE (JSON: key, counts, sha256s)
         shard-00004-of-00016.tmp/        a shard being written; replaced when its shard is decoded again
 
-Manifest identity: `format`, `teacher_hash` (sha256 of the checkpoint's *.safetensors), `tokenizer_hash` (sha256
-of `TOKENIZER_FILES` present, the chat template included), `data_hash` (sha256 of the ids, prompts and responses
-in order), `decoder` (the engine settings, `choice` and `temperatures`), `keep`, `tokens`; plus `generation`
-(batch size, shard count, seed: they decide which samples share a sampling generator) and `fewstep_version`.
-Their hash is the set's `key`.
+Manifest identity: `format`, `tokenizer_hash` (sha256 of `TOKENIZER_FILES` present, the chat template included),
+`teacher_fingerprint` (`teachers.fingerprint.checkpoint_fingerprint`: config, tokenizer, safetensors headers, sizes
+and mtimes, read without the weights; their content sha256 instead of mtimes with `run.strict_hash`), `data_hash`
+(sha256 of the ids, prompts and responses in order), `decoder` (the engine settings, `choice` and `temperatures`),
+`keep`, `tokens`; plus `generation` (batch size, shard count, seed: they decide which samples share a sampling
+generator) and `fewstep_version`. Their hash is the set's `key`.
 
 Scale and resume: the records are split into `trajectories.shards` contiguous shards; rank r of a launcher's
 world decodes the shards i with i % world_size == r. A shard is written to `<name>.tmp` and renamed when complete;
@@ -85,15 +86,15 @@ from distill.decoding import DecodeResult, decode
 from distill.ranks import join_ranks, prepare_datasets
 from distill.recipe import DecoderConfig, Recipe, TrajectoriesConfig
 from eval.tasks import is_correct
+from teachers.fingerprint import TOKENIZER_FILES, checkpoint_fingerprint
 from teachers.interface import Teacher, load_teacher
-from teachers.manifest import check_manifest, sha256_of
+from teachers.manifest import sha256_of
 from teachers.vision import image_sha256
 
-FORMAT_VERSION = 1
+# 2: the teacher is named by `teacher_fingerprint` (was `teacher_hash`); a format-1 set is refused, never misread.
+FORMAT_VERSION = 2
 SET_DIR, SHARDS_DIR = "trajectories", "trajectories-shards"
 MANIFEST_FILE, COMPLETE_MARKER = "manifest.json", "COMPLETE"
-# The chat template lives in chat_template.jinja (transformers >= 4.47) or inside tokenizer_config.json.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 _IDS = Sequence(Value("int32"))
 FEATURES = Features(
@@ -129,16 +130,6 @@ def trajectory_decoder(config: TrajectoriesConfig, gen_length: int, temperature:
     return DecoderConfig(name="threshold", confidence="neg_entropy", threshold=0.0, **common)
 
 
-def teacher_hash(teacher_dir: Path) -> str:
-    """sha256 of the checkpoint's safetensors files (names and bytes, in name order), once they are checked against
-    the folder's manifest (a folder fewstep wrote; ManifestError naming a corrupt file)."""
-    check_manifest(teacher_dir)
-    files = sorted(Path(teacher_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{teacher_dir}: no *.safetensors weights to hash")
-    return sha256_of(files, named=True)
-
-
 def tokenizer_hash(teacher_dir: Path) -> str:
     """sha256 of the tokenizer files present among `TOKENIZER_FILES` (vocabulary, settings, chat template)."""
     files = [Path(teacher_dir) / name for name in TOKENIZER_FILES if (Path(teacher_dir) / name).is_file()]
@@ -165,10 +156,12 @@ def expected_manifest(recipe: Recipe, teacher_dir: Path, records: list[dict]) ->
     """
     config = recipe.trajectories
     decoder = trajectory_decoder(config, recipe.data.max_response_tokens, 0.0)
+    # tokenizer_hash before the fingerprint (which covers the tokenizer files too): `load_trajectories` names the
+    # first field that differs, and "made with a different tokenizer" is the more useful message.
     return {
         "format": FORMAT_VERSION,
-        "teacher_hash": teacher_hash(teacher_dir),
         "tokenizer_hash": tokenizer_hash(teacher_dir),
+        "teacher_fingerprint": checkpoint_fingerprint(teacher_dir, strict=recipe.run.strict_hash),
         "data_hash": data_hash(records),
         "decoder": {
             **decoder.model_dump(mode="json", exclude={"temperature"}),
@@ -485,8 +478,6 @@ def generate_trajectories(recipe: Recipe, teacher_dir: Path, records: list[dict]
     current = _is_current(set_dir, MANIFEST_FILE, key)
     if not current:
         teacher = load_teacher(recipe.teacher.name, teacher_dir, recipe.teacher.dtype)
-        if torch.cuda.is_available():
-            teacher.model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         examples = encode_records(teacher, records, gen_length)
         bounds = _shard_bounds(len(records), config.shards)
         shard_root.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from distill.decoding import decode
 from distill.files import write_json
 from distill.recipe import DecoderConfig
 from teachers import backbones as backbones_package
-from teachers.interface import load_teacher
+from teachers.interface import load_teacher, local_device
 from teachers.manifest import ManifestError, check_manifest
 
 EXPORT_FILE = "export.json"
@@ -233,9 +233,10 @@ from transformers import AutoModel, AutoTokenizer
 
 job = json.loads(open(sys.argv[1]).read())
 torch.set_num_threads(job["threads"])
-inputs = torch.load(job["inputs"])
+device = torch.device(job["device"])  # where fewstep's side decodes too: the two compare token for token
+inputs = {name: value.to(device) for name, value in torch.load(job["inputs"]).items()}
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
-model = AutoModel.from_pretrained(job["folder"], trust_remote_code=True, dtype=dtype).eval()
+model = AutoModel.from_pretrained(job["folder"], trust_remote_code=True, dtype=dtype).eval().to(device)
 tokenizer = AutoTokenizer.from_pretrained(job["folder"], trust_remote_code=True)
 if job["adapter"]:
     from peft import PeftModel
@@ -260,11 +261,11 @@ if any(job["images"]):
             "<|vision_start|>" + "<|image_pad|>" * int(n // merge) + "<|vision_end|>"
             for n in processed["image_grid_thw"].prod(-1)
         )
-    vision = {"pixel_values": torch.cat(pixel_values), "image_grid_thw": torch.cat(grids)}
+    vision = {"pixel_values": torch.cat(pixel_values).to(device), "image_grid_thw": torch.cat(grids).to(device)}
 with torch.no_grad():
     outputs["logits"] = model(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **vision
-    ).logits.float()
+    ).logits.float().cpu()
 prompts = []
 for block, question in zip(blocks, job["questions"]):
     encoded = tokenizer.apply_chat_template(
@@ -273,7 +274,7 @@ for block, question in zip(blocks, job["questions"]):
     prompts.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
 outputs["prompts"] = prompts
 generated = model.diffusion_generate(inputs["prompt_ids"], attention_mask=inputs["prompt_mask"], **vision)
-outputs.update(sequences=generated.sequences, nfe=generated.nfe, order=generated.order)
+outputs.update(sequences=generated.sequences.cpu(), nfe=generated.nfe.cpu(), order=generated.order.cpu())
 torch.save(outputs, job["outputs"])
 print(json.dumps({
     "python": sys.version.split()[0],
@@ -310,6 +311,7 @@ def run_child(folder: Path, reference: Reference, dtype: str, adapter: bool, tim
             "folder": str(folder.resolve()),
             "adapter": str((folder / ADAPTER_DIR).resolve()) if adapter else None,
             "dtype": dtype,
+            "device": str(local_device()),
             "threads": torch.get_num_threads(),
             "questions": reference.questions,
             "inputs": str(scratch / "inputs.pt"),

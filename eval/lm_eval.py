@@ -313,10 +313,8 @@ class FewstepLM(LM):
 
     def _setup(self, settings: ModelSettings, teacher: Teacher | None) -> None:
         super().__init__()
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if teacher is None:
-            teacher = load_teacher(None, settings.checkpoint, settings.dtype)
-            teacher.model.to(device)
+            teacher = load_teacher(None, settings.checkpoint, settings.dtype, settings.device)
         self.settings = settings
         self.teacher = teacher
         self.decoder = settings.decoder

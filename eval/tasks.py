@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -324,8 +325,10 @@ def _draw_chain_arithmetic(config: ChainArithmeticTask, rng: random.Random) -> t
     _, plural = rng.choice(_OBJECTS)
     low, high = config.min_value, config.max_value
     total = rng.randint(low, high)
+    start = total
     sentences = [f"{name} has {total} {plural}."]
     equations = []
+    units: list[tuple[int, int | None]] = []  # per question operation: (change of the count, bag count or None)
     operations_left = rng.randint(config.min_steps, config.max_steps)
     while operations_left > 0:
         # Only operations that keep every number within low..high are offered; since high >= 3 * low (the schema
@@ -338,11 +341,13 @@ def _draw_chain_arithmetic(config: ChainArithmeticTask, rng: random.Random) -> t
             amount = rng.randint(low, high - total)
             sentences.append(f"{pronoun} {rng.choice(_ADD_PHRASES).format(amount)}.")
             equations.append(f"{total} + {amount} = {total + amount}")
+            units.append((amount, None))
             total, operations_left = total + amount, operations_left - 1
         elif operation == "subtract":
             amount = rng.randint(low, total - low)
             sentences.append(f"{pronoun} {rng.choice(_SUBTRACT_PHRASES).format(amount)}.")
             equations.append(f"{total} - {amount} = {total - amount}")
+            units.append((-amount, None))
             total, operations_left = total - amount, operations_left - 1
         else:
             # Bag counts are single digits; the bag size and the product obey the same bounds as every amount.
@@ -350,10 +355,35 @@ def _draw_chain_arithmetic(config: ChainArithmeticTask, rng: random.Random) -> t
             size = rng.randint(low, (high - total) // bags)
             sentences.append(f"{pronoun} buys {bags} bags of {size} {plural}.")
             equations += [f"{bags} * {size} = {bags * size}", f"{total} + {bags * size} = {total + bags * size}"]
+            units.append((bags * size, bags))
             total, operations_left = total + bags * size, operations_left - 2
     sentences.append(f"How many {plural} does {pronoun.lower()} have?")
+    if config.step_order == "shuffled":
+        equations = _shuffled_steps(start, units, low, high, rng)
     answer = str(total)
     return " ".join(sentences), f"{', '.join(equations)} {ANSWER_MARKER} {answer}", answer
+
+
+def _shuffled_steps(
+    start: int, units: list[tuple[int, int | None]], low: int, high: int, rng: random.Random
+) -> list[str]:
+    """The equations of the question's operations (`units`: change of the count, bag count for a bag purchase)
+    in an order drawn uniformly among those whose running counts all stay in low..high (the question's order
+    always does)."""
+    orders = []
+    for order in itertools.permutations(range(len(units))):
+        counts = list(itertools.accumulate((units[index][0] for index in order), initial=start))
+        if all(low <= count <= high for count in counts):
+            orders.append(order)
+    equations, total = [], start
+    for index in rng.choice(orders):
+        change, bags = units[index]
+        if bags is not None:
+            equations += [f"{bags} * {change // bags} = {change}", f"{total} + {change} = {total + change}"]
+        else:
+            equations.append(f"{total} {'+' if change > 0 else '-'} {abs(change)} = {total + change}")
+        total += change
+    return equations
 
 
 def _draw_sorting(config: SortingTask, rng: random.Random) -> tuple[str, str, str]:

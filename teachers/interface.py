@@ -25,6 +25,7 @@ The embedded teacher is a tiny instance of these same classes (`new_teacher`), w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -382,31 +383,60 @@ def load_image_processor(path: Path, backbone: Backbone) -> Qwen2VLImageProcesso
     return Qwen2VLImageProcessorPil.from_pretrained(path)
 
 
-def load_teacher(name: str | None, path: Path, dtype: str = "fp32") -> Teacher:
-    """Load a checkpoint folder (published or fewstep-written) with fewstep's native class for its backbone.
-
-    `name` (the recipe's `teacher.name`) must agree with the folder's `model_type`; None takes the folder's. A
-    folder fewstep wrote is checked against its manifest first (`teachers.manifest.ManifestError`, a ValueError
-    naming the file); a published one has none. Weights that cannot be read raise a one-line ValueError.
-    """
-    path = Path(path)
-    check_manifest(path)
-    backbone = backbone_of(path)
-    if name is not None and name != backbone.name:
-        raise ValueError(f"teacher.name: '{name}', but {path / 'config.json'} holds a {backbone.name} checkpoint")
+def read_model(path: Path, backbone: Backbone, dtype: str = "fp32") -> PreTrainedModel:
+    """The weights of a checkpoint folder in fewstep's native class for `backbone`, on the CPU in `dtype`; a
+    damaged file or weights of another layout raise a one-line ValueError naming the folder."""
     try:
         model, info = backbone.model_class.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
     except (SafetensorError, OSError) as error:
-        # A cut-off or damaged published checkpoint (fewstep's own are caught by the manifest above).
+        # A cut-off or damaged published checkpoint (fewstep's own are caught by the manifest check first).
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: its weights cannot be read ({detail})") from None
     wrong = {kind: names for kind, names in info.items() if kind in ("missing_keys", "unexpected_keys") and names}
     if wrong:
         kind, names = next(iter(wrong.items()))
         raise ValueError(f"{path}: weights do not match the {backbone.name} layout ({kind}: {sorted(names)[:3]})")
+    return model
+
+
+def local_device() -> torch.device:
+    """The device this process computes on: `cuda:LOCAL_RANK` when CUDA is available (one GPU per launcher rank),
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def load_teacher(
+    name: str | None,
+    path: Path,
+    dtype: str = "fp32",
+    device: torch.device | str | None = None,
+    weights: bool = True,
+) -> Teacher:
+    """Load a checkpoint folder (published or fewstep-written) with fewstep's native class for its backbone, in
+    `dtype`, on `device` (default `local_device()`: every stage that decodes or scores places its models the same
+    way, on its rank's GPU when there is one).
+
+    `name` (the recipe's `teacher.name`) must agree with the folder's `model_type`; None takes the folder's. A
+    folder fewstep wrote is checked against its manifest first (`teachers.manifest.ManifestError`, a ValueError
+    naming the file); a published one has none. Weights that cannot be read raise a one-line ValueError. With
+    `weights=False` the interface comes without a model (`Teacher.model` None): tokenizer, image processor, mask
+    id and logit convention only, for a stage that runs other weights through it (a student being trained).
+    """
+    path = Path(path)
+    check_manifest(path)
+    backbone = backbone_of(path)
+    if name is not None and name != backbone.name:
+        raise ValueError(f"teacher.name: '{name}', but {path / 'config.json'} holds a {backbone.name} checkpoint")
     tokenizer = load_tokenizer(path, backbone)
     image_processor = load_image_processor(path, backbone)
+    if not weights:
+        config = backbone.config_class.from_pretrained(path)
+        return Teacher(None, tokenizer, backbone, mask_token_id_of(config, tokenizer, path), image_processor)
+    model = read_model(path, backbone, dtype)
     mask_id = mask_token_id_of(model.config, tokenizer, path)
+    model = model.to(local_device() if device is None else device)
     return Teacher(model.eval(), tokenizer, backbone, mask_id, image_processor)
 
 

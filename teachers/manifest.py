@@ -39,7 +39,7 @@ class ManifestError(ValueError):
 
 def sha256_of(paths: Iterable[Path], named: bool = False) -> str:
     """sha256 of the files' bytes, in order; with `named` each file's name and a NUL byte go before its bytes (how
-    the trajectory sets and `teacher_hash` identify a group of files)."""
+    the trajectory sets identify a group of files, e.g. `tokenizer_hash`)."""
     digest = hashlib.sha256()
     for path in paths:
         if named:

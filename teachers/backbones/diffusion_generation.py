@@ -34,6 +34,11 @@ given a `StepState`. The loop (`generate`) owns everything else:
   block do), and so does every `refresh_every`-th forward (d3LLM's periodic refresh). Each step is one NFE
   whatever it encodes. Exact for causal attention; under bidirectional attention the cached prefix was encoded
   without the tokens after it: the approximation Dimple and Fast-dLLM accept for speed.
+- the static path (`static`): the model always runs on the whole batch (finished samples stay in it; their
+  outputs are dropped before the decoder sees them) and a prefix cache lives in `StaticKV`, buffers of the
+  batch's full width allocated once per decode, so every forward of a block has the same shapes and the same
+  buffer addresses: what `torch.compile` and CUDA graphs need. It decodes token for token as the eager path does
+  (the decoders see exactly the same rows and logits); it spends compute on finished rows to keep shapes fixed.
 
 Decoders:
 - `low_confidence`: fixed-step remasking as in LLaDA's `generate`: `steps` split evenly over blocks; each step
@@ -87,6 +92,7 @@ class DecodeSettings:
     cache: str = "none"  # none | prompt | blocks
     cache_delay: int = 1
     refresh_every: int = 0
+    static: bool = False  # fixed shapes and a preallocated cache (`StaticKV`), for compiled or graphed forwards
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODER_NAMES:
@@ -166,6 +172,57 @@ class PrefixCache:
         if getattr(self.kv, "rope_deltas", None) is not None:
             self.kv.rope_deltas = self.kv.rope_deltas[index]
         return PrefixCache(self.kv, self.attention_mask[index], self.carry_ids[index], self.carry_mask[index])
+
+
+class StaticKV:
+    """A prefix KV cache in buffers allocated once per decode, for the static path.
+
+    Every layer's keys and values live in `[B, heads, width, head_dim]` buffers, `width` the batch's prompt plus
+    canvas. A prefill (a `DynamicCache`, computed as in the eager path) is copied in (`fill`); a forward on top of
+    it writes its keys and values in place right after the prefix and attends to the buffer up to there. Prefix
+    plus the tokens re-encoded on top of it always make the full width, so every such forward of a block reads the
+    whole buffers at fixed addresses. It takes the place of the `DynamicCache` the backbones take (`update`,
+    `get_seq_length`, `crop`, and Dimple's `rope_deltas`).
+    """
+
+    def __init__(self, width: int):
+        self.width = width
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []
+        self.rope_deltas: torch.Tensor | None = None
+
+    def fill(self, prefix: Any) -> None:
+        """Copy a prefilled `DynamicCache` into the buffers (allocated at the first fill, reused after)."""
+        for index, layer in enumerate(prefix.layers):
+            length = layer.keys.shape[-2]
+            if index == len(self.keys):
+                for store, states in ((self.keys, layer.keys), (self.values, layer.values)):
+                    shape = (*states.shape[:2], self.width, states.shape[-1])
+                    store.append(torch.zeros(shape, dtype=states.dtype, device=states.device))
+                    if states.is_cuda:  # graph-captured forwards must find the buffers where they were captured
+                        torch._dynamo.mark_static_address(store[-1])
+                self.lengths.append(0)
+            self.keys[index][:, :, :length].copy_(layer.keys)
+            self.values[index][:, :, :length].copy_(layer.values)
+            self.lengths[index] = length
+        self.rope_deltas = getattr(prefix, "rope_deltas", None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[-2]
+        self.keys[layer_idx][:, :, start:end].copy_(key_states)
+        self.values[layer_idx][:, :, start:end].copy_(value_states)
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx] if self.lengths else 0
+
+    def crop(self, max_length: int) -> None:
+        """As `DynamicCache.crop`: keep `max_length` tokens, or drop `-max_length` from the end (the buffers are
+        overwritten by the next forward, never cleared)."""
+        self.lengths = [max_length if max_length >= 0 else length + max_length for length in self.lengths]
 
 
 def aligned_logits(
@@ -441,6 +498,8 @@ class Decoded:
     order: torch.Tensor  # [B, gen_length] step that committed each position, -1 if no forward did
     nfe: torch.Tensor  # [B] forward passes each sample took part in
     generated: torch.Tensor  # [B] response tokens before the first end token, pinned tokens excluded
+    forwards: int = 0  # forwards of the batch (a step is one, whatever it encodes)
+    prefills: int = 0  # prompt (or prefix) encodings for the cache, besides the forwards
 
 
 # forward(ids, mask, start, cache, **image_inputs) -> aligned logits [b, T - start, V];
@@ -481,12 +540,19 @@ def generate(
 
     cache: PrefixCache | None = None
     cached_rows = cached_length = None
+    prefills = 0
+    static_kv = StaticKV(prompt_len + gen_length) if settings.static else None
+    every_row = torch.arange(batch, device=device)
     forwards = 0  # forwards of the batch, for the refresh period
     while active.any():
         rows = active.nonzero().squeeze(-1)
         current = response[rows]
         masked = current == mask_id
-        ones = torch.ones_like(current)
+        # The rows the model runs on: those still decoding, or on the static path the whole batch (fixed shapes),
+        # whose outputs are then cut down to `rows` so the decoder sees exactly what the eager path gives it.
+        run = every_row if settings.static else rows
+        running = response[run]
+        ones = torch.ones_like(running)
 
         # ---- forward: full, or the uncached tail on top of a prefix cache -------------------------------------
         full = settings.cache == "none" or (settings.refresh_every > 0 and (forwards + 1) % settings.refresh_every == 0)
@@ -494,24 +560,29 @@ def generate(
             start = 0
             if settings.cache == "blocks":
                 start = int(_cacheable_length(masked, order[rows], nfe[rows], block_length, settings.cache_delay).min())
-            if cache is not None and start == cached_length and not torch.equal(cached_rows, rows):
-                cache = cache.select_rows(torch.isin(cached_rows, rows).nonzero().squeeze(-1))
-                cached_rows = rows
+            if cache is not None and start == cached_length and not torch.equal(cached_rows, run):
+                cache = cache.select_rows(torch.isin(cached_rows, run).nonzero().squeeze(-1))
+                cached_rows = run
             if cache is None or start != cached_length:
-                prefix = torch.cat([prompt_ids[rows], current[:, :start]], dim=1)
-                images = prompt_images.inputs(rows) if prompt_images is not None else {}
-                cache = prefill_prompt(prefix, torch.cat([prompt_mask[rows], ones[:, :start]], dim=1), **images)
-                cached_rows, cached_length = rows, start
+                prefix = torch.cat([prompt_ids[run], running[:, :start]], dim=1)
+                images = prompt_images.inputs(run) if prompt_images is not None else {}
+                cache = prefill_prompt(prefix, torch.cat([prompt_mask[run], ones[:, :start]], dim=1), **images)
+                prefills += 1
+                if static_kv is not None:
+                    static_kv.fill(cache.kv)
+                    cache = PrefixCache(static_kv, cache.attention_mask, cache.carry_ids, cache.carry_mask)
+                cached_rows, cached_length = run, start
                 full = True  # the step that builds the cache decodes from a full forward
         if full:
-            ids = torch.cat([prompt_ids[rows], current], dim=1)
-            images = prompt_images.inputs(rows) if prompt_images is not None else {}
-            logits = forward(ids, torch.cat([prompt_mask[rows], ones], dim=1), prompt_len, None, **images)
+            ids = torch.cat([prompt_ids[run], running], dim=1)
+            images = prompt_images.inputs(run) if prompt_images is not None else {}
+            logits = forward(ids, torch.cat([prompt_mask[run], ones], dim=1), prompt_len, None, **images)
+            logits = logits[rows] if settings.static else logits
         else:
-            tail = forward(current[:, start:], ones[:, start:], 0, cache)
+            tail = forward(running[:, start:], ones[:, start:], 0, cache)
             # Cached positions are all committed, so no decoder reads their (zero) logits.
             logits = tail.new_zeros(len(rows), gen_length, tail.shape[-1])
-            logits[:, start:] = tail
+            logits[:, start:] = tail[rows] if settings.static else tail
         forwards += 1
         if forwards > gen_length:
             # Cannot happen while every step commits (checked below); a guard against a loop that never ends.
@@ -555,7 +626,7 @@ def generate(
     is_end = response == end_id
     end = torch.where(is_end.any(-1), is_end.float().argmax(-1), torch.full_like(nfe, gen_length))
     generated = ((torch.arange(gen_length, device=device)[None, :] < end[:, None]) & ~pinned).sum(-1)
-    return Decoded(tokens=response, order=order, nfe=nfe, generated=generated)
+    return Decoded(tokens=response, order=order, nfe=nfe, generated=generated, forwards=forwards, prefills=prefills)
 
 
 # ----------------------------------------------------------------------------------------------------------------

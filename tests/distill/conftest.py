@@ -8,20 +8,15 @@ of the resume test. Tests that change what it wrote work on copies.
 from pathlib import Path
 
 import pytest
-import torch
 
-from teachers.interface import save_teacher
-from tests.builders import tiny_teacher
+from tests.builders import saved_tiny_teacher
 from tests.distill.distill_worker import COMBOS, worker_command
 from tests.launch import run_launched
 
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    save_teacher(tiny_teacher(32, 64, 1, 2, 1, 64), path)
-    return path
+    return saved_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="session")

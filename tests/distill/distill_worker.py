@@ -4,9 +4,11 @@
 records itself and, in one process group:
 - `--combos zero1-full zero3-lora ...`: one phase per combination of ZeRO stage (the shipped profile; for ZeRO-3
   with `stage3_param_persistence_threshold: 0`, so even the tiny model's parameters are really partitioned) and
-  student kind, `--max-steps` steps each, in `O/<combo>`. After the engine is built it checks that the teacher's
-  parameters are ordinary full tensors, equal to the checkpoint's, while the student's are partitioned under
-  ZeRO-3. Writes `result-<combo>-rank<r>.json` (summary, those checks) and `full-<combo>.pt` (rank 0's gathered
+  student kind, `--max-steps` steps each, in `O/<combo>`. It checks that no teacher weights are loaded (a
+  trajectory run needs no teacher forward), that under ZeRO-3 `load_student` builds the student already
+  partitioned (each rank holds its share of every parameter before DeepSpeed's engine exists, and the gathered
+  weights equal the checkpoint's), and that after the engine is built the student is partitioned under ZeRO-3.
+  Writes `result-<combo>-rank<r>.json` (summary, those checks) and `full-<combo>.pt` (rank 0's gathered
   weights); the student is saved in `O/<combo>/student` and the resolved recipe in `O/<combo>/recipe.yaml`, so
   `O/<combo>` is a run directory `distill export` reads.
 - `--nan-on-rank R`: a phase `O/nan` (ZeRO-2, checkpoint every 2 steps) whose loss is NaN at step 3 on rank R
@@ -30,8 +32,12 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import deepspeed  # noqa: E402
+
 from distill.distill import build_distillation, save_student  # noqa: E402
 from distill.recipe import Recipe, dump_recipe, load_deepspeed_file, validate_tree  # noqa: E402
+from distill.trainer import build_deepspeed_config, init_distributed  # noqa: E402
+from students.build import load_student  # noqa: E402
 from teachers.interface import load_teacher  # noqa: E402
 from tests.distill.trainer_worker import divergence_message, nan_at_call  # noqa: E402
 
@@ -85,6 +91,30 @@ def zero_profile(stage: int) -> str | dict:
     return profile
 
 
+def built_partitioned(recipe: Recipe, teacher_dir: Path, checkpoint: dict[str, torch.Tensor]) -> dict:
+    """`load_student` under the recipe's ZeRO-3 config, before any engine: whether every parameter was created
+    partitioned (this rank holds fewer elements than the parameter has), and whether gathered they equal the
+    checkpoint's weights (one parameter at a time, as a 7B model would need)."""
+    init_distributed()
+    interface = load_teacher(None, teacher_dir, weights=False)
+    student = load_student(interface, teacher_dir, recipe.student, "fp32", build_deepspeed_config(recipe.train))
+    parameters = dict(student.named_parameters())
+    # LoRA adapters (a fraction of a percent of a 7B model) are created by peft after the weights, whole; the
+    # engine partitions them. Every weight read from the checkpoint must be partitioned from the start.
+    partitioned = all(
+        hasattr(parameter, "ds_id") and parameter.ds_tensor.numel() < parameter.ds_numel and parameter.numel() == 0
+        for name, parameter in parameters.items()
+        if "lora_" not in name
+    )
+    equal = True
+    for name, parameter in parameters.items():
+        with deepspeed.zero.GatheredParameters([parameter]):
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            if key in checkpoint:
+                equal &= torch.equal(parameter.data, checkpoint[key])
+    return {"partitioned": partitioned, "equal_to_checkpoint": equal, "parameters": len(parameters)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--teacher", type=Path, required=True)
@@ -104,12 +134,10 @@ def main() -> None:
         recipe = distill_recipe(
             args.teacher, args.out / combo, kind, {"max_steps": args.max_steps, "deepspeed": zero_profile(stage)}
         )
+        built = built_partitioned(recipe, args.teacher, checkpoint_teacher) if stage == 3 else None
         teacher, trainer = build_distillation(recipe, args.teacher, records, args.out / combo)
         if rank == 0:
             (args.out / combo / "recipe.yaml").write_text(dump_recipe(recipe))
-        teacher_full = all(not hasattr(parameter, "ds_id") for parameter in teacher.model.parameters()) and all(
-            torch.equal(value, checkpoint_teacher[name]) for name, value in teacher.model.state_dict().items()
-        )
         student_partitioned = any(
             hasattr(parameter, "ds_tensor") and parameter.ds_tensor.numel() < parameter.ds_numel
             for parameter in trainer.model.parameters()
@@ -118,11 +146,12 @@ def main() -> None:
         full = trainer.full_state_dict()
         if full is not None:
             torch.save(full, args.out / f"full-{combo}.pt")
-        save_student(recipe, teacher, trainer, args.out / combo)
+        save_student(recipe, teacher, trainer, args.out / combo, args.teacher)
         result = {
             "world_size": trainer.world_size,
             "summary": summary,
-            "teacher_full": teacher_full,
+            "teacher_weights_loaded": teacher.model is not None,
+            "built_partitioned": built,
             "student_partitioned": student_partitioned,
         }
         (args.out / f"result-{combo}-rank{rank}.json").write_text(json.dumps(result) + "\n")

@@ -95,8 +95,11 @@ def test_two_rank_distillation_runs_under_zero2_and_zero3(backbone_run, combo):
     _, _, runs = backbone_run
     for rank in (0, 1):
         result = json.loads((runs / f"result-{combo}-rank{rank}.json").read_text())
-        assert result["world_size"] == 2 and result["summary"]["step"] == 2 and result["teacher_full"]
+        assert result["world_size"] == 2 and result["summary"]["step"] == 2
+        assert result["teacher_weights_loaded"] is False  # trajectory distillation needs no teacher forward
         assert result["student_partitioned"] is combo.startswith("zero3")
+        if combo.startswith("zero3"):  # built under zero.Init, from each backbone's published layout
+            assert result["built_partitioned"]["partitioned"] and result["built_partitioned"]["equal_to_checkpoint"]
     losses = [
         json.loads(line)["loss"] for line in (runs / combo / "distill" / "metrics.jsonl").read_text().splitlines()
     ]

@@ -8,8 +8,8 @@ import yaml
 from transformers import AutoModel
 
 from distill.d3llm import Curriculum, TrajectoryBatches
-from distill.distill import distill_student, distillation_loss
-from distill.losses import certainty_forcing_loss, masked_ce, next_token_loss
+from distill.distill import MASK_EPS, distill_student, distillation_loss
+from distill.losses import certainty_forcing_loss, loss_start, mask_tokens, masked_ce, next_token_loss
 from distill.recipe import LossTerm, load_recipe
 from teachers.interface import load_teacher, save_teacher
 from tests.builders import tiny_teacher
@@ -77,6 +77,70 @@ def test_next_token_term_is_the_causal_next_token_loss_on_the_trajectory_tokens(
     trajectory = masked_ce(teacher.forward(batch["input_ids"], attention), targets, batch["masked"])
     assert math.isclose(metrics["next_token"], causal.item(), rel_tol=1e-5)
     assert math.isclose(loss.item(), trajectory.item() + 0.5 * causal.item(), rel_tol=1e-5)
+
+
+def _full_width(logits, targets, positions, temperature=None):
+    """A term as it was computed before the forward was cut to the canvas: float32 over every column, per row.
+
+    `[B]` sums of the CE at `positions` (the entropy at `temperature` on those predicted right, when given) and
+    their counts.
+    """
+    log_probs = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
+    if temperature is None:
+        values = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    else:
+        values = -(log_probs.exp() * log_probs).sum(-1)
+        positions = positions & (logits.argmax(-1) == targets)
+    return (values * positions).sum(-1), positions.sum(-1)
+
+
+def test_every_term_scored_on_the_canvas_equals_its_full_width_value_and_gradient(saved_teacher):
+    teacher, _ = saved_teacher
+    data = [
+        record | {"prompt_ids": teacher.encode_prompt(f"{7**index}+{index}=").ids}
+        for index, record in enumerate(records(teacher))
+    ]  # prompts of different lengths, left-padded
+    batch = TrajectoryBatches(
+        data, 4, 10, Curriculum(windows=(4,)), teacher.mask_token_id, teacher.pad_token_id, seed=0
+    ).batch(3)
+    width = batch["targets"].shape[1]
+    assert width > 8 + min(len(record["prompt_ids"]) for record in data)  # some rows are padded
+    # Masked positions (their inputs hold the mask id either way) take the model's own predictions as targets, so
+    # certainty forcing has right predictions to sharpen.
+    predicted = teacher.forward(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+    batch["targets"] = torch.where(batch["masked"], predicted, batch["targets"])
+    assert loss_start(batch["canvas_mask"]) == width - 8  # the canvas: the last 8 columns
+    kinds = ["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion", "next_token"]
+    loss_fn = distillation_loss(teacher, [LossTerm(kind=kind, weight=1.0) for kind in kinds])
+    loss, metrics = loss_fn(teacher.model, batch, torch.Generator().manual_seed(0))
+
+    targets, attention, masked = batch["targets"], batch["attention_mask"], batch["masked"]
+    complement_masked, canvas = batch["complement_masked"], batch["canvas_mask"].bool()
+    logits = teacher.forward(batch["input_ids"], attention)
+    complement = teacher.forward(batch["complement_ids"], attention)
+    noisy, noised, _ = mask_tokens(targets, canvas, teacher.mask_token_id, MASK_EPS, torch.Generator().manual_seed(0))
+    terms = [
+        ("trajectory_ce", [_full_width(logits, targets, masked)]),
+        ("complementary_ce", [_full_width(complement, targets, complement_masked)]),
+        (
+            "certainty_forcing",
+            [_full_width(logits, targets, masked, 0.5), _full_width(complement, targets, complement_masked, 0.5)],
+        ),
+        ("next_token", [_full_width(teacher.forward(targets, attention, causal=True), targets, canvas)]),
+    ]
+    expected = {kind: sum(sums.sum() / counts.sum().clamp(min=1) for sums, counts in parts) for kind, parts in terms}
+    sums, counts = _full_width(teacher.forward(noisy, attention), targets, noised)
+    expected["masked_diffusion"] = (sums / counts.clamp(min=1)).mean()  # the `uniform` weighting
+    assert metrics["certainty_forcing"] > 0
+    for kind in kinds:
+        assert math.isclose(metrics[kind], expected[kind].item(), rel_tol=1e-5), kind
+    reference = sum(expected.values())
+    assert math.isclose(loss.item(), reference.item(), rel_tol=1e-5)
+    parameters = [p for p in teacher.model.parameters() if p.requires_grad]
+    for got, want in zip(
+        torch.autograd.grad(loss, parameters), torch.autograd.grad(reference, parameters), strict=True
+    ):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])

@@ -3,14 +3,19 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from distill.losses import (
+    certainty_forcing_loss,
     forward_kl,
     log_prob_mse,
+    loss_start,
     mask_tokens,
     masked_diffusion_loss,
     next_token_loss,
+    per_position,
     reverse_kl,
+    token_cross_entropy,
     total_variation,
 )
 
@@ -117,3 +122,63 @@ def test_total_variation_is_half_l1_of_probabilities():
     expected = _by_formula(student, teacher, lambda pairs: 0.5 * sum(abs(q - p) for q, p in pairs))
     assert torch.allclose(total_variation(student, teacher), expected, atol=1e-6)
     assert ((total_variation(student, teacher) >= 0) & (total_variation(student, teacher) <= 1)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring the response columns only, in chunks of positions
+
+
+def test_loss_start_is_the_first_column_holding_a_loss_position():
+    left_padded = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]])  # d3LLM: the canvas ends every row
+    right_padded = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])  # SequencePool: the shortest prompt decides
+    assert loss_start(left_padded) == 3 and loss_start(right_padded) == 1
+    assert loss_start(torch.zeros(2, 5, dtype=torch.bool)) == 0
+
+
+def _entropy_at(logits, targets, masked, temperature):
+    """Certainty forcing written out on the whole tensor."""
+    log_probs = torch.log_softmax(logits / temperature, -1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    correct = masked & (logits.argmax(-1) == targets)
+    return (entropy * correct).sum() / correct.sum()
+
+
+def test_chunked_terms_equal_the_whole_tensor_formula_in_value_and_gradient():
+    torch.manual_seed(4)
+    shape = (3, 13, 11)  # 13 positions: chunks of 2, the last one shorter
+    targets = torch.randint(0, 11, shape[:2])
+    teacher = torch.log_softmax(torch.randn(shape), -1)
+    masked = torch.rand(shape[:2]) < 0.7
+    base = torch.randn(shape)
+    base[..., 0] += 3 * masked  # some masked positions predicted right, for certainty forcing
+    targets[masked] = 0
+    terms = {
+        "cross_entropy": (
+            lambda x: token_cross_entropy(x, targets),
+            lambda x: F.cross_entropy(x.transpose(1, 2), targets, reduction="none"),
+        ),
+        "certainty_forcing": (
+            lambda x: certainty_forcing_loss(x, targets, masked, 0.5),
+            lambda x: _entropy_at(x, targets, masked, 0.5),
+        ),
+        "reverse_kl": (lambda x: per_position(reverse_kl, x, teacher), lambda x: reverse_kl(x, teacher)),
+    }
+    weights = torch.rand(shape[:2])
+    for name, (chunked, whole) in terms.items():
+        values, grads = [], []
+        for fn in (chunked, whole):
+            logits = base.clone().requires_grad_()
+            value = fn(logits)
+            (value * weights if value.dim() else value).sum().backward()
+            values.append(value.detach())
+            grads.append(logits.grad)
+        assert torch.allclose(values[0], values[1], atol=1e-6), name
+        assert torch.allclose(grads[0], grads[1], atol=1e-6), name
+
+
+def test_cross_entropy_of_bf16_logits_is_computed_in_float32():
+    torch.manual_seed(5)
+    logits, targets = torch.randn(2, 9, 50).bfloat16(), torch.randint(0, 50, (2, 9))
+    expected = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    assert token_cross_entropy(logits, targets).dtype == torch.float32
+    assert torch.equal(token_cross_entropy(logits, targets), expected)

@@ -4,9 +4,10 @@ import math
 
 import torch
 
+from distill.losses import loss_start, mask_tokens
 from distill.pretrain import ar_loss, diffusion_loss, pretrain_fingerprint
 from distill.recipe import load_recipe
-from tests.builders import tiny_teacher
+from tests.builders import right_padded_batch, tiny_teacher
 
 
 def _batch(teacher) -> dict:
@@ -33,6 +34,37 @@ def test_anchored_diffusion_loss_adds_the_weighted_ar_loss_on_the_same_batch():
     assert math.isclose(anchored.item(), plain.item() + 0.5 * ar.item(), rel_tol=1e-5)
     anchored.backward()  # both terms reach the weights
     assert all(p.grad is not None for p in teacher.model.parameters() if p.requires_grad)
+
+
+def _full_width_ce(logits, targets, positions):
+    """`[B]` sums of the float32 CE at `positions` over every column: the losses before the forward was cut."""
+    ce = -torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    return (ce * positions).sum(-1)
+
+
+def test_both_phases_scored_from_the_first_response_column_equal_their_full_width_values():
+    torch.manual_seed(0)
+    teacher = tiny_teacher(32, 64, 2, 4, 2, 64)
+    # Right-padded `[prompt | response]` rows (as `SequencePool` builds them) with prompts of different lengths.
+    batch = right_padded_batch(teacher)
+    ids, attention, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    prompts = [int(row.argmax()) for row in response_mask]  # each row's first response column
+    assert len(set(prompts)) == 2 and loss_start(batch["response_mask"]) == min(prompts) > 0
+
+    ar, metrics = ar_loss(teacher)(teacher.model, batch, None)
+    causal = teacher.forward(ids, attention, causal=True)
+    expected = _full_width_ce(causal, ids, response_mask).sum() / response_mask.sum()
+    assert math.isclose(ar.item(), expected.item(), rel_tol=1e-5) and metrics["ar_ce"] == ar.item()
+
+    for weighting in ("inverse_t", "uniform"):
+        loss, metrics = diffusion_loss(teacher, 0.5, weighting)(teacher.model, batch, torch.Generator().manual_seed(3))
+        noisy, masked, t = mask_tokens(ids, response_mask, teacher.mask_token_id, 0.5, torch.Generator().manual_seed(3))
+        assert masked.any()
+        sums = _full_width_ce(teacher.forward(noisy, attention, causal=False), ids, masked)
+        count = response_mask.sum(-1) * t if weighting == "inverse_t" else masked.sum(-1).clamp(min=1)
+        per_sample = sums / count
+        assert math.isclose(loss.item(), per_sample.mean().item(), rel_tol=1e-5), weighting
+        assert metrics["masked_fraction"] == (masked.sum() / response_mask.sum()).item()
 
 
 def test_changing_the_diffusion_objective_keeps_the_ar_phase_and_restarts_the_diffusion_phase():

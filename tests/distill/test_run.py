@@ -123,7 +123,7 @@ def test_stale_checkpoints_and_trajectories_from_another_teacher_are_refused(tmp
     capsys.readouterr()
     assert main(args + changed + ["run.stages=[teacher]"]) == 1
     assert "written by a different configuration" in capsys.readouterr().err
-    # Retrained from scratch, the teacher's weights (hence its hash) change while the data stays the same...
+    # Retrained from scratch, the teacher's weights (hence its fingerprint) change while the data stays the same...
     changed.append("teacher.pretrain.diffusion.resume=never")
     assert main(args + changed + ["run.stages=[teacher]"]) == 0
     capsys.readouterr()
@@ -131,7 +131,7 @@ def test_stale_checkpoints_and_trajectories_from_another_teacher_are_refused(tmp
     distill = ["run.stages=[distill]", "trajectories.block_length=8", "trajectories.temperatures=[0.0]"]
     code = main(args + changed + distill + ["train.max_steps=1", "distill.curriculum.windows=[8]"])
     err = capsys.readouterr().err
-    assert code == 1 and "trajectory manifest does not match" in err and "teacher_hash" in err
+    assert code == 1 and "trajectory manifest does not match" in err and "teacher_fingerprint" in err
 
 
 def test_quickstart_recipe_runs_every_stage_for_a_few_steps(tmp_path):

@@ -3,12 +3,13 @@ positions only, the round schedule and the teacher hand-over across round bounda
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from distill.losses import reverse_kl
+from distill.losses import loss_start, mask_tokens, reverse_kl
 from distill.recipe import TargetsConfig
 from distill.sdtt import (
     DIVERGENCES,
@@ -21,6 +22,7 @@ from distill.sdtt import (
 )
 from teachers.interface import Teacher
 from tests.builders import SCRIPTED, keep_logits, tiny_teacher
+from tests.builders import right_padded_batch as padded_rows
 
 MASK, VOCAB = 0, 8
 
@@ -178,3 +180,33 @@ def test_loss_fn_trains_the_student_and_reports_the_round(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and student.model.lm_head.weight.grad is not None
     assert metrics == {"sdtt_round": 1, "sdtt_dt": 2 / 8, "sdtt_teacher_steps": 4}
+
+
+def right_padded_batch(teacher: Teacher) -> dict:
+    """`tests.builders.right_padded_batch` at optimizer step 0 (SDTT reads the round from it)."""
+    return padded_rows(teacher) | {"step": 0}
+
+
+def test_targets_and_loss_from_the_first_response_column_equal_their_full_width_values(tmp_path):
+    teacher, student = tiny(0), tiny(1)
+    batch = right_padded_batch(teacher)
+    ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    start = loss_start(response)
+    assert start == len(teacher.encode_prompt("1+1").ids) > 0
+    x_t = ids.masked_fill(response.bool(), teacher.mask_token_id)
+    full, cut = (sdtt_targets(teacher, x_t, attention, response, 2, None, 0.0, start=s) for s in (0, start))
+    assert torch.equal(cut.x_s, full.x_s) and torch.equal(cut.unmasked_at, full.unmasked_at)
+    assert (full.unmasked_at >= 0).sum(-1).tolist() == [4, 2]  # two a step; the second row has only two
+    assert cut.start == start and torch.allclose(cut.log_probs, full.log_probs[:, start:], atol=1e-5)
+    with pytest.raises(ValueError, match="past the first response position"):
+        sdtt_targets(teacher, x_t, attention, response, 2, None, 0.0, start=start + 1)
+
+    # The student's loss (greedy teacher, so the generator only noises x_t) against the full-width computation.
+    config = TargetsConfig(teacher_steps=8, rounds=2, steps_per_round=4, temperature=0.0)
+    loss, _ = sdtt_loss_fn(student, TeacherRounds(teacher, config, tmp_path))(
+        student.model, batch, torch.Generator().manual_seed(0)
+    )
+    noisy, masked, _ = mask_tokens(ids, response, teacher.mask_token_id, 1e-3, torch.Generator().manual_seed(0))
+    targets = sdtt_targets(teacher, noisy, attention, response, 1 / 8, None, 0.0)
+    expected = reverse_kl(student.forward(noisy, attention), targets.log_probs)[masked.bool()].mean()
+    assert masked.any() and math.isclose(loss.item(), expected.item(), rel_tol=1e-5)

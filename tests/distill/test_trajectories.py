@@ -176,8 +176,20 @@ def test_manifest_mismatch_names_the_field(tmp_path, teacher_dir):
     retrained = tmp_path / "retrained"
     torch.manual_seed(1)
     save_teacher(tiny_teacher(32, 64, 2, 2, 1, 64), retrained)
-    with pytest.raises(ValueError, match="teacher_hash"):
+    with pytest.raises(ValueError, match=r"teacher_fingerprint: the set has 'stat:[0-9a-f]{64}', expected 'stat:"):
         load_trajectories(set_dir, **expected_manifest(recipe, retrained, records))
+    # The same teacher named by its weights' sha256 is another fingerprint too: the mode is part of the identity.
+    strict = load_recipe(recipe_file(tmp_path, teacher_dir, "strict", train_size=6), ["run.strict_hash=true"])
+    with pytest.raises(ValueError, match=r"teacher_fingerprint: the set has 'stat:[0-9a-f]{64}', expected 'sha256:"):
+        load_trajectories(set_dir, **expected_manifest(strict, teacher_dir, records))
+    # A set of format 1 (which named its teacher by `teacher_hash`) is refused by its format, never misread.
+    old = tmp_path / "format-1"
+    shutil.copytree(set_dir, old)
+    manifest = json.loads((old / MANIFEST_FILE).read_text())
+    manifest["format"], manifest["teacher_hash"] = 1, manifest.pop("teacher_fingerprint")
+    (old / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not match: format: the set has 1, expected 2"):
+        load_trajectories(old, **expected_manifest(recipe, teacher_dir, records))
 
 
 def test_wrong_tokenizer_is_refused(tmp_path, teacher_dir):

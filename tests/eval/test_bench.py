@@ -1,4 +1,5 @@
-"""`distill bench decode`: every cache mode timed on the same prompts, medians, ratios and output agreement."""
+"""`distill bench decode`: every cache mode and decoding path timed on the same prompts beside cached AR decoding,
+medians, ms per forward against the weight-read floor, ratios and output agreement."""
 
 import json
 import statistics
@@ -8,8 +9,9 @@ import torch
 import yaml
 
 from distill.cli import main
+from distill.decoding import decode
 from distill.recipe import DecoderConfig
-from eval.bench import bench_decoders
+from eval.bench import autoregressive_decode, bench_decoders, copy_bandwidth, weight_read_floor
 from teachers.interface import save_teacher
 from tests.builders import tiny_teacher
 
@@ -55,12 +57,57 @@ def test_bench_command_writes_json_and_wants_five_runs(tmp_path, capsys):
     args = ["bench", "decode", str(recipe), "--checkpoint", str(tmp_path / "teacher"), "--samples", "3"]
     assert main(args) == 0
     payload = json.loads((tmp_path / "run" / "bench" / "decode.json").read_text())
-    assert payload["samples"] == 3 and payload["repeats"] == 5 and payload["batch_size"] == 2 and payload["causal"]
-    assert set(payload) >= {"hardware", "threads", "versions", "prompt_tokens_mean", "results"}
-    assert [r["cache"] for r in payload["results"]] == ["none", "prompt", "blocks"]
+    assert payload["samples"] == 3 and payload["repeats"] == 5 and payload["batch_sizes"] == [2] and payload["causal"]
+    assert set(payload) >= {"hardware", "threads", "versions", "prompt_tokens_mean", "results", "floor_ms"}
+    # On CPU the default paths are eager and static; no ar-baseline in the run directory: no AR rows.
+    assert [(r["cache"], r["path"]) for r in payload["results"]] == [
+        (cache, path) for cache in ("none", "prompt", "blocks") for path in ("eager", "static")
+    ]
     assert all(r["settings"]["threshold"] == 0.5 for r in payload["results"])  # the first sweep value
+    assert all(r["same_as_eager"] == 1.0 and r["floor_ratio"] > 0 for r in payload["results"])
     assert "[bench]" in capsys.readouterr().out
     with pytest.raises(SystemExit) as caught:
         main([*args, "--repeats", "4"])
     assert caught.value.code == 2 and "at least 5" in capsys.readouterr().err
     assert main(["bench", "decode", str(recipe), "--checkpoint", str(tmp_path / "none")]) == 1
+
+
+@pytest.mark.parametrize("backbone", ["llada", "dream"])
+def test_cached_autoregressive_decoding_equals_the_engines_left_to_right_decoder(backbone):
+    torch.manual_seed(0)
+    teacher = tiny_teacher(32, 64, 2, 2, 1, 64, backbone=backbone)
+    torch.nn.init.normal_(teacher.model.get_output_embeddings().weight, std=0.5)
+    teacher.model.config.causal = True
+    prompts = [teacher.encode_prompt(record["prompt"]) for record in RECORDS]
+    engine = decode(teacher, [p.ids for p in prompts], DecoderConfig(steps=12, block_length=1), 12)
+    tokens, forwards = autoregressive_decode(teacher, prompts, 12)
+    assert [teacher.decode_response(row.tolist()) for row in tokens] == [
+        teacher.decode_response(row.tolist()) for row in engine.tokens
+    ]
+    # One forward per token (plus the prompt's mask for an unshifted backbone), not one per prefix re-encoding.
+    assert forwards <= 12 + (backbone == "llada")
+
+
+def test_paths_batch_sizes_and_the_ar_baseline_side_by_side():
+    teacher = causal_tiny()
+    bidirectional = tiny_teacher(32, 64, 1, 2, 1, 64)
+    floor = weight_read_floor(bidirectional.model, copy_bandwidth(torch.device("cpu"), megabytes=16))
+    assert floor["weight_bytes"] == 4 * sum(p.numel() for p in bidirectional.model.parameters())
+    settings = [("conf", DecoderConfig(name="confident", threshold=0.5, block_length=4), 8)]
+    results = bench_decoders(
+        bidirectional, RECORDS, settings, [1, 3], 5, ("eager", "static"), ar_teacher=teacher, floor_ms=floor["floor_ms"]
+    )
+    keys = [(r["batch_size"], r["decoder"], r["cache"], r["path"]) for r in results]
+    expected = [(1, "conf", c, p) for c in ("none", "prompt", "blocks") for p in ("eager", "static")]
+    expected += [(1, "autoregressive", "autoregressive", "eager")]
+    assert keys == expected + [(3, *key[1:]) for key in expected]
+    for result in results:
+        ar_row = result["cache"] == "autoregressive"
+        assert result["same_as_eager"] == (None if ar_row else 1.0)  # the static path decodes what eager does
+        assert result["forwards"] > 0 and result["ms_per_forward"] > 0
+        assert result["floor_ratio"] == pytest.approx(result["ms_per_forward"] / floor["floor_ms"])
+        ar = next(r for r in results if r["cache"] == "autoregressive" and r["batch_size"] == result["batch_size"])
+        assert result["vs_autoregressive"] == pytest.approx(result["tokens_per_s"] / ar["tokens_per_s"])
+    # At batch 1 every prompt is its own batch: prefills happen once per prompt with a prompt cache.
+    cached = next(r for r in results if r["batch_size"] == 1 and r["cache"] == "prompt" and r["path"] == "eager")
+    assert cached["prefills"] == len(RECORDS)

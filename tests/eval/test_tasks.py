@@ -514,6 +514,50 @@ def test_chain_arithmetic_knobs_bound_steps_and_values() -> None:
     assert step_counts == {2, 3, 4, 5, 6}
 
 
+def _steps_of(equations: list[str]) -> list[tuple[str, ...]]:
+    """The question operations equations stand for, in order: `("+", n)`, `("-", n)` or `("bags", k, m)`."""
+    steps, pending = [], None
+    for equation in equations:
+        a, operator, b, _ = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", equation).groups()
+        if operator == "*":
+            pending = ("bags", a, b)
+        elif pending is not None:  # the addition of a bag purchase's product follows its product
+            steps.append(pending)
+            pending = None
+        else:
+            steps.append((operator, b))
+    return steps
+
+
+def test_shuffled_chain_arithmetic_writes_the_questions_operations_in_some_valid_order() -> None:
+    config = ChainArithmeticTask(
+        name="chain_arithmetic",
+        train_size=300,
+        eval_size=0,
+        min_steps=4,
+        max_steps=4,
+        max_value=30,
+        step_order="shuffled",
+    )
+    reordered = 0
+    for record in generate(config, "train", seed=4):
+        _check_common(record, "chain_arithmetic")
+        in_question, total, quantities = _replay_chain(record["prompt"])
+        written = record["response"].partition(" #### ")[0].split(", ")
+        assert sorted(_steps_of(written)) == sorted(_steps_of(in_question)) and record["answer"] == str(total)
+        count = quantities[0]
+        for equation in written:
+            a, operator, b, c = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", equation).groups()
+            assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[operator]
+            if operator != "*":  # the running count: each equation continues it, always within range
+                assert int(a) == count and config.min_value <= int(c) <= config.max_value
+                count = int(c)
+        assert count == total and record["response"].endswith(f" #### {total}")
+        reordered += written != in_question
+    # On 10..30 many orders leave the range, so the question's is often the only one; 135 of 300 differ here.
+    assert reordered > 100
+
+
 def test_chain_arithmetic_is_scored_by_its_answer() -> None:
     record = generate(ChainArithmeticTask(name="chain_arithmetic", train_size=1, eval_size=0), "train", seed=0)[0]
     steps = record["response"].partition(" #### ")[0]

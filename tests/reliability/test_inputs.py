@@ -29,6 +29,7 @@ from distill.recipe import RecipeError, load_recipe
 from distill.run import held_run_directory
 from teachers.manifest import MANIFEST_FILE
 from tests.bad_images import BAD_IMAGES
+from tests.builders import BACKBONE_FIXTURES
 from tests.distill.conftest import teacher_dir  # noqa: F401  (the shared session fixture)
 from tests.launch import REPO, child_env
 from tests.reliability.checks import assert_refused, tree_digest
@@ -268,6 +269,22 @@ def eval_checkpoint_missing(tree: dict, tmp_path: Path) -> str:
     return "eval.checkpoints.0.path"
 
 
+def llada_pretraining(tree: dict, tmp_path: Path) -> str:
+    # LLaDA's unshifted head under the AR phase's causal attention would learn to copy its input.
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    tree["teacher"] = {"name": "llada", "pretrain": {"model": sizes}}
+    tree["run"]["stages"] = ["teacher"]
+    return "teacher.pretrain: the AR phase cannot train a llada teacher"
+
+
+def next_token_on_llada(tree: dict, tmp_path: Path) -> str:
+    tree["teacher"] = {"path": str(BACKBONE_FIXTURES / "llada")}
+    tree["run"]["stages"] = ["trajectories", "distill"]
+    terms = [{"kind": "trajectory_ce", "weight": 1.0}, {"kind": "next_token", "weight": 0.5}]
+    tree["distill"] = {"losses": terms, "curriculum": {"windows": [8, 24]}}
+    return "distill.losses: next_token cannot train a llada student"
+
+
 def export_without_checkpoints(tree: dict, tmp_path: Path) -> str:
     tree["run"]["stages"] = ["export"]
     return "run.stages: the export stage exports a distillation checkpoint"
@@ -307,6 +324,8 @@ CASES: dict[str, Case] = {
         eval_row_never_made,
         eval_checkpoint_missing,
         export_without_checkpoints,
+        llada_pretraining,
+        next_token_on_llada,
     )
 }
 # Cases that do not make sense on the finished run below (it has a trajectory set; its output_dir is fixed).
