@@ -80,12 +80,10 @@ def autoregressive_decode(teacher: Teacher, prompts: list[Prompt], gen_length: i
     images = {name: value.to(device) for name, value in collate_vision([p.vision for p in prompts]).items()}
     batch = ids.shape[0]
     masks = torch.full((batch, 1), teacher.mask_token_id, device=device)
-    if teacher.shifted:
-        # Raw position i-1 scores token i: the prompt's last position already scores the first answer token.
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, causal=True, logits_to_keep=1, **images)
-    else:
-        # Position i scores token i from a mask placed there.
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, causal=True, logits_to_keep=1, **images)
+    # Shifted: raw position i-1 scores token i, so the prompt's last position already scores the first answer
+    # token. Unshifted: position i scores token i from a mask placed there, one more forward.
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, causal=True, logits_to_keep=1, **images)
+    if not teacher.shifted:
         mask = torch.cat([mask, torch.ones_like(masks)], dim=1)
         out = model(input_ids=masks, attention_mask=mask, cache=out.cache, causal=True, logits_to_keep=1)
         out.cache.crop(-1)

@@ -551,7 +551,7 @@ def generate(
         # The rows the model runs on: those still decoding, or on the static path the whole batch (fixed shapes),
         # whose outputs are then cut down to `rows` so the decoder sees exactly what the eager path gives it.
         run = every_row if settings.static else rows
-        running = response[run]
+        running = response if settings.static else current
         ones = torch.ones_like(running)
 
         # ---- forward: full, or the uncached tail on top of a prefix cache -------------------------------------
