@@ -21,6 +21,9 @@ import math
 
 # Points more than this many accuracy points below the lowest-TPF accuracy are ignored.
 ACCURACY_DROP_LIMIT = 5.0
+# A student point "matches" its teacher when it is at most this many points below the teacher's best accuracy:
+# the accuracy the report's equal-accuracy speed-up is measured at (fewstep's claim: at most one point lost).
+MATCHED_ACCURACY_MARGIN = 1.0
 
 
 def weight(accuracy: float, y_max: float, alpha: float = 3.0) -> float:

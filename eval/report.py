@@ -23,7 +23,10 @@
                 "headline": {"y_max", "y_max_row", "student_frontier_aup", "student_decoder",
                              "teacher_frontier_aup", "teacher_decoder", "teacher_one_token",
                              "frontier_ratio", "one_token_ratio", "cut_short": [model names],
-                             "teacher_parallel": {"decoder", "knob", "tpf", "accuracy"} | null} | null}],
+                             "teacher_parallel": {"decoder", "knob", "tpf", "accuracy"} | null,
+                             "matched": {"accuracy", "teacher_best", "student_best", "accuracy_drop",
+                                         "teacher": point, "student": point | null,   # point: {"decoder",
+                                         "tpf_ratio": float | null}} | null}],        #  "knob", "tpf", "accuracy"}
      "sources": [...]}                                                    # only in merged reports
 
 `name` is the model row (`teacher`, `ar-baseline`, `student` or a checkpoint's name), `decoder` the decoder's label,
@@ -44,8 +47,12 @@ ratios: `frontier_ratio` = student frontier AUP / teacher frontier AUP (the hone
 vanilla-decoded teacher), both against the task's `y_max`; `cut_short` names the compared models with a curve
 cut short; `teacher_parallel` is the fastest point of a teacher curve that ran its whole ladder without falling
 past the cut-off (null when every teacher curve fell): such a teacher is already parallel on the task, and the
-report says so, since a student can then gain little on the frontier. Everything but the rows' sweep fields is
-derived by `score_report`, so a version-1 report loads and is rescored.
+report says so, since a student can then gain little on the frontier. `matched` is the speed-up at equal accuracy:
+`accuracy` = the teacher's best accuracy less `MATCHED_ACCURACY_MARGIN` (one point), `teacher` / `student` each
+model's fastest point (any decoder) at or above it (`student` null when no point of it gets there), `tpf_ratio`
+their TPF ratio, `accuracy_drop` = teacher best - student best. A frontier ratio bought by a student that is fast
+but several points less accurate shows here as a missing or small equal-accuracy speed-up. Everything but the
+rows' sweep fields is derived by `score_report`, so a version-1 report loads and is rescored.
 
 The module runs past 400 lines on purpose: the schema above, its scoring and its three renderings (JSON, Markdown,
 HTML with the plot) stay in one file, so that a field is added in one place.
@@ -67,7 +74,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from distill.files import write_atomically
-from eval.aup import ACCURACY_DROP_LIMIT, aup_score, fell_past_cutoff, pareto_front
+from eval.aup import ACCURACY_DROP_LIMIT, MATCHED_ACCURACY_MARGIN, aup_score, fell_past_cutoff, pareto_front
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the sweep fields and frontiers; score_report adds what it can
@@ -226,6 +233,43 @@ def headline(entry: dict) -> dict | None:
         "one_token_ratio": ratio(student["aup"], one_token["aup"] if one_token else None),
         "cut_short": [model["name"] for model in (student, teacher) if model["cut_short"]],
         "teacher_parallel": {key: fastest[key] for key in ("decoder", "knob", "tpf", "accuracy")} if fastest else None,
+        "matched": matched_speedup(entry),
+    }
+
+
+def matched_speedup(entry: dict) -> dict | None:
+    """Student vs teacher at equal accuracy: each one's fastest point within `MATCHED_ACCURACY_MARGIN` of the
+    teacher's best accuracy, over all its decoders (see the module docstring); None without points."""
+
+    def points(name: str) -> list[dict]:
+        return [
+            point | {"decoder": row["decoder"]}
+            for row in entry["rows"]
+            if row["name"] == name
+            for point in row["points"]
+        ]
+
+    teacher_points, student_points = points("teacher"), points("student")
+    if not teacher_points or not student_points:
+        return None
+    teacher_best = max(point["accuracy"] for point in teacher_points)
+    student_best = max(point["accuracy"] for point in student_points)
+    target = teacher_best - MATCHED_ACCURACY_MARGIN
+
+    def fastest(candidates: list[dict]) -> dict | None:
+        held = [point for point in candidates if point["accuracy"] >= target]
+        best = max(held, key=lambda point: (point["tpf"], point["accuracy"]), default=None)
+        return {key: best[key] for key in ("decoder", "knob", "tpf", "accuracy")} if best else None
+
+    teacher, student = fastest(teacher_points), fastest(student_points)
+    return {
+        "accuracy": target,
+        "teacher_best": teacher_best,
+        "student_best": student_best,
+        "accuracy_drop": teacher_best - student_best,
+        "teacher": teacher,
+        "student": student,
+        "tpf_ratio": student["tpf"] / teacher["tpf"] if student and teacher["tpf"] else None,
     }
 
 
@@ -241,8 +285,8 @@ def load_report(path: Path) -> dict:
             if not isinstance(report, dict) or report.get("schema_version") not in READABLE_VERSIONS:
                 expected = " or ".join(str(version) for version in READABLE_VERSIONS)
                 raise ValueError(f"{candidate}: not a fewstep report (schema_version {expected} expected)")
-            if report["schema_version"] != SCHEMA_VERSION:
-                report = score_report(report) | {"schema_version": SCHEMA_VERSION}
+            # Everything but the rows is derived: rescored, a report written by older code reads by today's rules.
+            report = score_report(report) | {"schema_version": SCHEMA_VERSION}
             report["_dir"] = str(candidate.parent)
             return report
     raise FileNotFoundError(f"{path}: no report.json there or in {path / 'eval'}")
@@ -346,6 +390,9 @@ def headline_text(headline: dict) -> str:
         f"{_ratio(headline['one_token_ratio'])}; "
         f"y_max {_number(headline['y_max'])}% ({source.get('name')} · {source.get('decoder')} at {source.get('knob')})"
     )
+    matched = headline.get("matched")  # absent from a run summary written before it existed
+    if matched:
+        text += f"; {matched_text(matched)}"
     if headline["cut_short"]:
         text += f"; cut short: {', '.join(headline['cut_short'])} (a ratio of curves that stopped early)"
     parallel = headline["teacher_parallel"]
@@ -356,6 +403,25 @@ def headline_text(headline: dict) -> str:
             "(little for a student to gain)"
         )
     return text
+
+
+def matched_text(matched: dict) -> str:
+    """The equal-accuracy comparison in words: the accuracy it is measured at, both fastest points, their ratio."""
+    teacher, student = matched["teacher"], matched["student"]
+    text = (
+        f"at equal accuracy (>= {matched['accuracy']:.2f}%, the teacher's best less {MATCHED_ACCURACY_MARGIN:g} "
+        f"point): teacher TPF {teacher['tpf']:.2f} ({teacher['decoder']} at {teacher['knob']}: "
+        f"{teacher['accuracy']:.2f}%), "
+    )
+    if student is None:
+        return text + (
+            f"the student never gets there (best {matched['student_best']:.2f}%, "
+            f"{matched['accuracy_drop']:.2f} points below the teacher's best)"
+        )
+    return text + (
+        f"student TPF {student['tpf']:.2f} ({student['decoder']} at {student['knob']}: {student['accuracy']:.2f}%) = "
+        f"{_ratio(matched['tpf_ratio'])}"
+    )
 
 
 def _ratio(value: float | None) -> str:

@@ -21,7 +21,6 @@ REDUCED = [
 # Measured with these overrides on 2 CPU cores (5 min 22 s): teacher frontier AUP 211.2, student 716.3, 3.39x.
 # The margin leaves room for another CPU's float differences; a useless distillation (about 1x) still fails.
 MIN_FRONTIER_RATIO = 2.0
-MAX_ACCURACY_DROP = 1.0  # points: the student's best accuracy against the teacher's
 
 
 def test_student_frontier_beats_teacher_frontier_on_the_reduced_benchmark(tmp_path):
@@ -33,7 +32,8 @@ def test_student_frontier_beats_teacher_frontier_on_the_reduced_benchmark(tmp_pa
     teacher, student = rows["teacher"], rows["student"]
     assert not teacher["cut_short"] and not student["cut_short"]
     ratio = student["aup"] / teacher["aup"]
-    best = {name: max(point["accuracy"] for point in row["pareto"]) for name, row in rows.items()}
-    print(f"frontier AUP: teacher {teacher['aup']:.1f}, student {student['aup']:.1f}, ratio {ratio:.2f}x")
+    matched = task["headline"]["matched"]
+    print(f"frontier AUP: teacher {teacher['aup']:.1f}, student {student['aup']:.1f}, ratio {ratio:.2f}x; {matched}")
     assert ratio >= MIN_FRONTIER_RATIO
-    assert best["student"] >= best["teacher"] - MAX_ACCURACY_DROP
+    # Within a point of the teacher's best accuracy (MATCHED_ACCURACY_MARGIN), and faster there than the teacher.
+    assert matched["student"] is not None and matched["tpf_ratio"] > 1.0

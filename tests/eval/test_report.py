@@ -255,6 +255,36 @@ def test_the_headline_says_when_a_teacher_curve_ran_its_whole_ladder_without_fal
     )
 
 
+def test_the_headline_compares_student_and_teacher_at_equal_accuracy(tmp_path):
+    done = {"sweep": "auto", "cut_short": False, "cut_short_reason": None}
+    teacher = [
+        make_row("teacher", "confident", [(1.0, 0.9, 97.0), (0.99, 3.4, 96.5), (0.95, 3.8, 94.5)], **done),
+        make_row("teacher", "multi_block", [(0.0, 0.9, 95.0), (0.1, 5.0, 89.0)], **done),
+    ]
+    student = [
+        make_row("student", "confident", [(1.0, 1.0, 96.0), (0.9, 7.0, 96.2), (0.5, 12.0, 93.0)], **done),
+        make_row("student", "multi_block", [(0.0, 1.0, 95.0), (0.3, 9.0, 95.9)], **done),
+    ]
+    report = new_report({"chain": teacher + student}, run="r", alpha=3.0, batch_size=4, recipe_hash="h")
+    matched = report["tasks"][0]["headline"]["matched"]
+    # The teacher's best (97.0) less one point; each model's fastest point at or above 96.0, over all its decoders.
+    assert matched["accuracy"] == 96.0 and matched["accuracy_drop"] == pytest.approx(0.8)
+    assert matched["teacher"] == {"decoder": "confident", "knob": 0.99, "tpf": 3.4, "accuracy": 96.5}
+    assert matched["student"] == {"decoder": "confident", "knob": 0.9, "tpf": 7.0, "accuracy": 96.2}
+    assert matched["tpf_ratio"] == pytest.approx(7.0 / 3.4)
+    write_report(report, tmp_path)
+    assert "student TPF 7.00 (confident at 0.9: 96.20%) = 2.06x" in (tmp_path / "report.md").read_text()
+
+    # A student that is fast but never within a point of the teacher gets no equal-accuracy ratio, however
+    # large its frontier AUP.
+    fast = [make_row("student", "confident", [(1.0, 1.0, 93.0), (0.5, 20.0, 92.0)], **done)]
+    report = new_report({"chain": teacher + fast}, run="r", alpha=3.0, batch_size=4, recipe_hash="h")
+    headline = report["tasks"][0]["headline"]
+    assert headline["frontier_ratio"] > 3 and headline["matched"]["student"] is None
+    assert headline["matched"]["tpf_ratio"] is None and headline["matched"]["accuracy_drop"] == pytest.approx(4.0)
+    assert "the student never gets there (best 93.00%, 4.00 points below the teacher's best)" in aup_lines(report)[-1]
+
+
 def test_a_version_1_report_loads_and_is_scored_on_frontiers(tmp_path):
     report = small_report()
     for entry in report["tasks"]:
