@@ -233,43 +233,32 @@ def headline(entry: dict) -> dict | None:
         "one_token_ratio": ratio(student["aup"], one_token["aup"] if one_token else None),
         "cut_short": [model["name"] for model in (student, teacher) if model["cut_short"]],
         "teacher_parallel": {key: fastest[key] for key in ("decoder", "knob", "tpf", "accuracy")} if fastest else None,
-        "matched": matched_speedup(entry),
+        "matched": matched_speedup(teacher, student),
     }
 
 
-def matched_speedup(entry: dict) -> dict | None:
-    """Student vs teacher at equal accuracy: each one's fastest point within `MATCHED_ACCURACY_MARGIN` of the
-    teacher's best accuracy, over all its decoders (see the module docstring); None without points."""
-
-    def points(name: str) -> list[dict]:
-        return [
-            point | {"decoder": row["decoder"]}
-            for row in entry["rows"]
-            if row["name"] == name
-            for point in row["points"]
-        ]
-
-    teacher_points, student_points = points("teacher"), points("student")
-    if not teacher_points or not student_points:
+def matched_speedup(teacher: dict, student: dict) -> dict | None:
+    """Student vs teacher at equal accuracy (see the module docstring), from the two models' frontiers: the fastest
+    point at or above an accuracy lies on a model's Pareto frontier, and so does its best accuracy."""
+    if not teacher["pareto"] or not student["pareto"]:
         return None
-    teacher_best = max(point["accuracy"] for point in teacher_points)
-    student_best = max(point["accuracy"] for point in student_points)
+    teacher_best = max(point["accuracy"] for point in teacher["pareto"])
+    student_best = max(point["accuracy"] for point in student["pareto"])
     target = teacher_best - MATCHED_ACCURACY_MARGIN
 
-    def fastest(candidates: list[dict]) -> dict | None:
-        held = [point for point in candidates if point["accuracy"] >= target]
-        best = max(held, key=lambda point: (point["tpf"], point["accuracy"]), default=None)
-        return {key: best[key] for key in ("decoder", "knob", "tpf", "accuracy")} if best else None
+    def fastest(front: list[dict]) -> dict | None:
+        held = [point for point in front if point["accuracy"] >= target]
+        return dict(max(held, key=lambda point: point["tpf"])) if held else None
 
-    teacher, student = fastest(teacher_points), fastest(student_points)
+    teacher_point, student_point = fastest(teacher["pareto"]), fastest(student["pareto"])
     return {
         "accuracy": target,
         "teacher_best": teacher_best,
         "student_best": student_best,
         "accuracy_drop": teacher_best - student_best,
-        "teacher": teacher,
-        "student": student,
-        "tpf_ratio": student["tpf"] / teacher["tpf"] if student and teacher["tpf"] else None,
+        "teacher": teacher_point,
+        "student": student_point,
+        "tpf_ratio": student_point["tpf"] / teacher_point["tpf"] if student_point and teacher_point["tpf"] else None,
     }
 
 
