@@ -52,7 +52,8 @@ report says so, since a student can then gain little on the frontier. `matched` 
 model's fastest point (any decoder) at or above it (`student` null when no point of it gets there), `tpf_ratio`
 their TPF ratio, `accuracy_drop` = teacher best - student best. A frontier ratio bought by a student that is fast
 but several points less accurate shows here as a missing or small equal-accuracy speed-up. Everything but the
-rows' sweep fields is derived by `score_report`, so a version-1 report loads and is rescored.
+rows' sweep fields is derived by `score_report`, which `load_report` reruns, so any report (version 1 too) reads
+by today's scoring rules.
 
 The module runs past 400 lines on purpose: the schema above, its scoring and its three renderings (JSON, Markdown,
 HTML with the plot) stay in one file, so that a field is added in one place.
@@ -379,7 +380,7 @@ def headline_text(headline: dict) -> str:
         f"{_ratio(headline['one_token_ratio'])}; "
         f"y_max {_number(headline['y_max'])}% ({source.get('name')} · {source.get('decoder')} at {source.get('knob')})"
     )
-    matched = headline.get("matched")  # absent from a run summary written before it existed
+    matched = headline["matched"]
     if matched:
         text += f"; {matched_text(matched)}"
     if headline["cut_short"]:
