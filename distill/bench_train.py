@@ -60,17 +60,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     return 2 * size**3 / statistics.median(times)
 
 
-def benchmark_records(recipe: Recipe, teacher_dir: Path, out_dir: Path) -> tuple[list[dict], str]:
-    """The records a distillation step trains on, and where they come from (`trajectories` or `reference`)."""
+def benchmark_records(recipe: Recipe, teacher_dir: Path, out_dir: Path) -> tuple[list[dict], str, list[dict]]:
+    """The records a distillation step trains on, where they come from (`trajectories` or `reference`), and the
+    task training records (what an SDTT run and `source: task` regularisers train on)."""
     datasets = prepare_datasets(recipe, out_dir)
+    task_records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
     if recipe.distill.is_sdtt:
-        return [record for name in recipe.data.task_names() for record in datasets[name]["train"]], "task"
+        return task_records, "task", task_records
     records = training_records(recipe, datasets)
     set_dir = out_dir / SET_DIR
     if set_dir.is_dir():
         try:
             rows = load_trajectories(set_dir, **expected_manifest(recipe, teacher_dir, records)).to_list()
-            return attach_images(rows, records), "trajectories"
+            return attach_images(rows, records), "trajectories", task_records
         except ValueError as error:  # a set of another teacher or format: a benchmark needs shapes, not its rows
             print(f"[bench] not using the run's trajectories ({error}); reference answers instead")
     teacher = load_teacher(recipe.teacher.name, teacher_dir, weights=False)
@@ -86,14 +88,20 @@ def benchmark_records(recipe: Recipe, teacher_dir: Path, out_dir: Path) -> tuple
         }
         for record, example in zip(records, examples, strict=True)
     ]
-    return rows, "reference"
+    return rows, "reference", task_records
 
 
 def bench_profile(
-    recipe: Recipe, teacher_dir: Path, records: list[dict], scratch: Path, steps: int, warmup: int
+    recipe: Recipe,
+    teacher_dir: Path,
+    records: list[dict],
+    scratch: Path,
+    steps: int,
+    warmup: int,
+    task_records: list[dict] | None = None,
 ) -> dict[str, Any]:
     """Time `steps` distillation steps (after `warmup`) under `recipe.train`'s DeepSpeed config in `scratch`."""
-    _, trainer = build_distillation(recipe, teacher_dir, records, scratch)
+    _, trainer = build_distillation(recipe, teacher_dir, records, scratch, task_records)
     device = trainer.engine.device
     trainer.engine.train()
     if device.type == "cuda":
@@ -144,7 +152,7 @@ def run_train_bench(
         raise FileNotFoundError(f"bench train: no teacher checkpoint at {teacher_dir} (set teacher.path)")
     profiles = profiles or deepspeed_profiles()
     rank, world_size = join_ranks()
-    records, source = benchmark_records(recipe, teacher_dir, out_dir)
+    records, source, task_records = benchmark_records(recipe, teacher_dir, out_dir)
     device = local_device()
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
     peak = matmul_peak(device, dtype)
@@ -155,7 +163,7 @@ def run_train_bench(
         train.update(deepspeed=profile, max_steps=warmup + 1 + steps, checkpoint_every=0, resume="never")
         bench_recipe = recipe.model_copy(update={"train": type(recipe.train).model_validate(train)})
         scratch = out_dir / "bench" / f"train-{profile}"
-        result = bench_profile(bench_recipe, teacher_dir, records, scratch, steps, warmup)
+        result = bench_profile(bench_recipe, teacher_dir, records, scratch, steps, warmup, task_records)
         result["mfu"] = result["flops_per_step"] / result["median_step_s"] / peak
         if peak_tflops:
             result["mfu_vs_given_peak"] = result["flops_per_step"] / result["median_step_s"] / (peak_tflops * 1e12)

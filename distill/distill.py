@@ -40,6 +40,7 @@ from distill.losses import (
     masked_diffusion_loss,
     next_token_loss,
 )
+from distill.pretrain import ar_loss, diffusion_loss
 from distill.ranks import current_rank
 from distill.recipe import LossTerm, Recipe
 from distill.sdtt import SDTT_ROUNDS_DIR, TeacherRounds, sdtt_loss_fn
@@ -52,6 +53,8 @@ from teachers.vision import vision_of
 
 # Lower bound of t for the `masked_diffusion` regulariser (as in teacher pretraining's default).
 MASK_EPS = 1e-3
+# Prefix of the keys of a trajectory micro-batch that hold its task rows (`source: task` regularisers).
+TASK_PREFIX = "task_"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,8 +62,17 @@ MASK_EPS = 1e-3
 
 
 def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
-    """The weighted sum of the recipe's loss terms; each term's value is logged under its kind."""
-    weights = {term.kind: term for term in terms}
+    """The weighted sum of the recipe's loss terms; each term's value is logged under its kind.
+
+    A regulariser with `source: task` is the teacher's own pretraining loss (`pretrain.ar_loss` for `next_token`,
+    `pretrain.diffusion_loss` for `masked_diffusion`) on the batch's task rows (`TASK_PREFIX` keys, `task_batches`).
+    """
+    on_task = {term.kind: term for term in terms if term.source == "task"}
+    weights = {term.kind: term for term in terms if term.source == "trajectories"}
+    task_losses = {
+        "next_token": ar_loss(teacher),
+        "masked_diffusion": diffusion_loss(teacher, MASK_EPS, "uniform"),
+    }
 
     def loss_fn(model, batch, generator):
         student = teacher.with_model(model)
@@ -96,7 +108,12 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
         if "next_token" in weights:
             causal_logits = student.forward(batch["targets"], attention, causal=True, start=start, **vision)
             values["next_token"] = next_token_loss(causal_logits, targets, canvas)
-        loss = sum(weights[kind].weight * value for kind, value in values.items())
+        if on_task:
+            task_batch = {key[len(TASK_PREFIX) :]: value for key, value in batch.items() if key.startswith(TASK_PREFIX)}
+            for kind in on_task:
+                values[kind], _ = task_losses[kind](model, task_batch, generator)
+        weights_of = weights | on_task
+        loss = sum(weights_of[kind].weight * value for kind, value in values.items())
         metrics = {kind: value.item() for kind, value in values.items()}
         metrics.update(mask_floor=float(batch["floor"]), window=float(batch["window"]))
         return loss, metrics
@@ -131,6 +148,27 @@ def trajectory_batches(recipe: Recipe, teacher: Teacher, records: list[dict]) ->
         rank=current_rank(),
         vision_fn=teacher.vision_inputs,
     )
+
+
+def with_task_rows(recipe: Recipe, teacher: Teacher, batch_fn: BatchFn, task_records: list[dict]) -> BatchFn:
+    """`batch_fn` with a micro-batch of the task training records added under `TASK_PREFIX` keys: rows drawn as
+    teacher pretraining draws them (`SequencePool`: prompt, reference response, answer padding), for the
+    `source: task` regularisers."""
+    pool = SequencePool(
+        encode_records(teacher, task_records, recipe.data.max_response_tokens),
+        micro_batch_size=recipe.train.micro_batch_size,
+        max_response_tokens=recipe.data.max_response_tokens,
+        pad_id=teacher.pad_token_id,
+        # Both streams seed `random.Random` with "seed-rank-index": another seed keeps their draws independent.
+        seed=recipe.run.seed + 1,
+        rank=current_rank(),
+        vision_fn=teacher.vision_inputs,
+    )
+
+    def batch(index: int) -> dict:
+        return batch_fn(index) | {TASK_PREFIX + key: value for key, value in pool.batch(index).items()}
+
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,13 +232,21 @@ def prune_stale_rounds(rounds_dir: Path, checkpoint_dir: Path, resume: str) -> N
 
 
 def build_distillation(
-    recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path
+    recipe: Recipe,
+    teacher_dir: Path,
+    records: list[dict],
+    out_dir: Path,
+    task_records: list[dict] | None = None,
 ) -> tuple[Teacher, Trainer]:
     """The frozen teacher and the student's trainer for the `distill` phase in `out_dir/distill`, not yet run.
 
     `records` are trajectory records (`prompt_ids`, `target_ids`, `order`) for a trajectory run, or the task
-    training records (`id`, `prompt`, `response`) for an `sdtt` run.
+    training records (`id`, `prompt`, `response`) for an `sdtt` run. `task_records` are the task training records
+    of a trajectory run whose regularisers train on them (`source: task`); unused otherwise.
     """
+    on_task = not recipe.distill.is_sdtt and recipe.distill.reads_task_records
+    if on_task and not task_records:
+        raise ValueError("distill.losses: a term with source: task needs the task training records; none were given")
     if recipe.distill.is_sdtt:
         # SDTT's targets are the teacher's own two decoding steps: a frozen copy on every rank, in the recipe's
         # dtype on the rank's device (bf16 for a 7B teacher: ~15 GB per GPU beside the student, docs/scale.md).
@@ -242,6 +288,9 @@ def build_distillation(
         loss_fn = distillation_loss(teacher, recipe.distill.losses)
         # The trajectories themselves (not their path): another teacher gives other orders.
         identity["trajectories"] = records_digest(records)
+        if on_task:
+            batch_fn = with_task_rows(recipe, teacher, batch_fn, task_records)
+            identity["task_records"] = data_hash(task_records)
     trainer = Trainer(
         student,
         recipe.train,
@@ -280,8 +329,11 @@ def save_student(recipe: Recipe, teacher: Teacher, trainer: Trainer, out_dir: Pa
     return student_dir
 
 
-def distill_student(recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path) -> Path:
-    """Train the student (see `build_distillation` for `records`); returns the saved `out_dir/student`."""
-    teacher, trainer = build_distillation(recipe, teacher_dir, records, out_dir)
+def distill_student(
+    recipe: Recipe, teacher_dir: Path, records: list[dict], out_dir: Path, task_records: list[dict] | None = None
+) -> Path:
+    """Train the student (see `build_distillation` for `records` and `task_records`); returns the saved
+    `out_dir/student`."""
+    teacher, trainer = build_distillation(recipe, teacher_dir, records, out_dir, task_records)
     trainer.train()
     return save_student(recipe, teacher, trainer, out_dir, teacher_dir)

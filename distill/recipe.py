@@ -1307,6 +1307,10 @@ class StudentConfig(Section):
     train_vision: Literal["all", "projector", "none"] = "none"
 
 
+# Loss kinds that can train on the task training records instead of the trajectories (`LossTerm.source`).
+TASK_SOURCE_KINDS = ("masked_diffusion", "next_token")
+
+
 class LossTerm(Section):
     """One weighted term of the distillation loss.
 
@@ -1323,11 +1327,26 @@ class LossTerm(Section):
       trajectory set, so it is the only term of its run and its `distill` stage needs no `trajectories` stage.
     - `weight`: multiplier of the term.
     - `temperature`: softmax temperature of `certainty_forcing` (0.5 in dParallel/d3LLM); unused by other kinds.
+    - `source`: what the regularisers `masked_diffusion` and `next_token` train on: `trajectories` (the
+      trajectory's tokens, in the trajectory batch) or `task` (their own micro-batch of the task training records,
+      drawn as teacher pretraining draws them: the reference response with answer padding, so the term is the
+      teacher's own pretraining loss on the whole training split, not on the few thousand prompts that have
+      trajectories). The other kinds only have `trajectories` (`sdtt` reads the task records by itself).
     """
 
     kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion", "next_token", "sdtt"]
     weight: PositiveFloat = 1.0
     temperature: PositiveFloat = 0.5
+    source: Literal["trajectories", "task"] = "trajectories"
+
+    @model_validator(mode="after")
+    def _source_of_regulariser(self) -> LossTerm:
+        if self.source == "task" and self.kind not in TASK_SOURCE_KINDS:
+            raise ValueError(
+                f"source: task is for the regularisers {' and '.join(TASK_SOURCE_KINDS)}; {self.kind} trains on "
+                "trajectories"
+            )
+        return self
 
 
 class CurriculumConfig(Section):
@@ -1390,6 +1409,11 @@ class DistillConfig(Section):
     def is_sdtt(self) -> bool:
         """Whether this is an SDTT run (task sequences and teacher rounds) rather than a trajectory run."""
         return any(term.kind == "sdtt" for term in self.losses)
+
+    @property
+    def reads_task_records(self) -> bool:
+        """Whether training reads the task training records: an SDTT run, or a term with `source: task`."""
+        return self.is_sdtt or any(term.source == "task" for term in self.losses)
 
 
 class ExportConfig(Section):

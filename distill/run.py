@@ -666,16 +666,17 @@ def run(recipe: Recipe) -> dict:
             began = time.perf_counter()
             announce(recipe, "distill", start)
             teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
+            task_records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
             if recipe.distill.is_sdtt:
                 # SDTT trains on the task sequences themselves: no trajectory set is read.
-                records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
+                records = task_records
             else:
                 records = training_records(recipe, datasets)
                 # Training refuses a set made by another teacher, tokenizer, data or decoder (the manifest must match).
                 manifest = expected_manifest(recipe, teacher_dir, records)
                 rows = load_trajectories(out_dir / "trajectories", **manifest).to_list()
                 records = attach_images(rows, records)
-            checkpoints["student"] = distill_student(recipe, teacher_dir, records, out_dir)
+            checkpoints["student"] = distill_student(recipe, teacher_dir, records, out_dir, task_records)
             stage_seconds["distill"] = time.perf_counter() - began
 
         # ---- evaluation ---------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ import yaml
 from transformers import AutoModel
 
 from distill.d3llm import Curriculum, TrajectoryBatches
-from distill.distill import MASK_EPS, distill_student, distillation_loss
+from distill.data import SequencePool, encode_records
+from distill.distill import MASK_EPS, TASK_PREFIX, distill_student, distillation_loss
 from distill.losses import certainty_forcing_loss, loss_start, mask_tokens, masked_ce, next_token_loss
+from distill.pretrain import ar_loss, diffusion_loss
 from distill.recipe import LossTerm, load_recipe
 from teachers.interface import load_teacher, save_teacher
 from tests.builders import tiny_teacher
@@ -77,6 +79,41 @@ def test_next_token_term_is_the_causal_next_token_loss_on_the_trajectory_tokens(
     trajectory = masked_ce(teacher.forward(batch["input_ids"], attention), targets, batch["masked"])
     assert math.isclose(metrics["next_token"], causal.item(), rel_tol=1e-5)
     assert math.isclose(loss.item(), trajectory.item() + 0.5 * causal.item(), rel_tol=1e-5)
+
+
+def task_records(count=12):
+    return [
+        {"id": f"t{index}", "prompt": f"{index}+{index + 1}=", "response": str(2 * index + 1)} for index in range(count)
+    ]
+
+
+def test_task_source_terms_are_the_pretraining_losses_on_the_task_rows(saved_teacher):
+    teacher, _ = saved_teacher
+    trajectory = TrajectoryBatches(
+        records(teacher), 4, 10, Curriculum(windows=(4,)), teacher.mask_token_id, teacher.pad_token_id, seed=0
+    ).batch(2)
+    task = SequencePool(encode_records(teacher, task_records(), 8), 3, 8, teacher.pad_token_id, seed=1).batch(2)
+    batch = trajectory | {TASK_PREFIX + key: value for key, value in task.items()}
+    terms = [
+        LossTerm(kind="trajectory_ce", weight=1.0),
+        LossTerm(kind="next_token", weight=0.5, source="task"),
+        LossTerm(kind="masked_diffusion", weight=0.25, source="task"),
+    ]
+    loss, metrics = distillation_loss(teacher, terms)(teacher.model, batch, torch.Generator().manual_seed(0))
+    ar, _ = ar_loss(teacher)(teacher.model, task, torch.Generator().manual_seed(0))
+    diffusion, _ = diffusion_loss(teacher, MASK_EPS, "uniform")(teacher.model, task, torch.Generator().manual_seed(0))
+    on_trajectory, _ = distillation_loss(teacher, [LossTerm(kind="next_token")])(
+        teacher.model, trajectory, torch.Generator().manual_seed(0)
+    )
+    assert abs(ar.item() - on_trajectory.item()) > 1e-4  # the task rows, not the trajectory's tokens
+    assert math.isclose(metrics["next_token"], ar.item(), rel_tol=1e-5)
+    assert math.isclose(metrics["masked_diffusion"], diffusion.item(), rel_tol=1e-5)
+    ce = masked_ce(
+        teacher.forward(trajectory["input_ids"], trajectory["attention_mask"]),
+        trajectory["targets"],
+        trajectory["masked"],
+    )
+    assert math.isclose(loss.item(), ce.item() + 0.5 * ar.item() + 0.25 * diffusion.item(), rel_tol=1e-5)
 
 
 def _full_width(logits, targets, positions, temperature=None):
@@ -178,3 +215,32 @@ def test_distill_student_trains_and_saves_a_loadable_student(saved_teacher, tmp_
     assert changed
     lines = (tmp_path / "out" / "distill" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "masked_diffusion" in lines[-1] and "window" in lines[-1]
+
+
+def test_task_source_terms_train_on_the_task_records_given(saved_teacher, tmp_path):
+    teacher, path = saved_teacher
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "d", "output_dir": str(tmp_path / "out")},
+                "teacher": {"path": str(path)},
+                "data": {"tasks": [{"name": "addition"}], "max_response_tokens": 8},
+                "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1},
+                "distill": {
+                    "curriculum": {"windows": [4, 8]},
+                    "losses": [
+                        {"kind": "trajectory_ce", "weight": 1.0},
+                        {"kind": "next_token", "weight": 0.5, "source": "task"},
+                    ],
+                },
+                "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+            }
+        )
+    )
+    recipe = load_recipe(recipe_file)
+    with pytest.raises(ValueError, match="source: task needs the task training records"):
+        distill_student(recipe, path, records(teacher), tmp_path / "out")
+    distill_student(recipe, path, records(teacher), tmp_path / "out", task_records())
+    lines = (tmp_path / "out" / "distill" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("next_token" in line for line in lines)

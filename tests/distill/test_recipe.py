@@ -135,6 +135,12 @@ MALFORMED = [
     ("deepspeed-unknown-auto", MINIMAL, ["train.deepspeed={steps_per_print: auto}"], "'steps_per_print' is \"auto\""),
     ("deepspeed-optimizer", MINIMAL, ["train.deepspeed={optimizer: {type: Adam}}"], "remove 'optimizer'"),
     ("deepspeed-batch", MINIMAL, ["train.deepspeed={gradient_accumulation_steps: 4}"], "set gradient_accumulation"),
+    (
+        "task-source-not-a-regulariser",
+        MINIMAL,
+        ["distill.losses=[{kind: trajectory_ce, source: task}]"],
+        "distill.losses.0: Value error, source: task is for the regularisers",
+    ),
     ("sdtt-mixed", MINIMAL, ["distill.losses=[{kind: sdtt}, {kind: trajectory_ce}]"], "distill.losses"),
     ("sdtt-zero3", MINIMAL, ["run.stages=[distill]", "distill.losses=[{kind: sdtt}]", "train.zero_stage=3"], "sdtt"),
     (
