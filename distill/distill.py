@@ -65,13 +65,13 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
     """The weighted sum of the recipe's loss terms; each term's value is logged under its kind.
 
     A regulariser with `source: task` is the teacher's own pretraining loss (`pretrain.ar_loss` for `next_token`,
-    `pretrain.diffusion_loss` for `masked_diffusion`) on the batch's task rows (`TASK_PREFIX` keys, `task_batches`).
+    `pretrain.diffusion_loss` for `masked_diffusion`) on the batch's task rows (`TASK_PREFIX` keys, `with_task_rows`).
     """
     on_task = {term.kind: term for term in terms if term.source == "task"}
     weights = {term.kind: term for term in terms if term.source == "trajectories"}
     task_losses = {
-        "next_token": ar_loss(teacher),
-        "masked_diffusion": diffusion_loss(teacher, MASK_EPS, "uniform"),
+        kind: ar_loss(teacher) if kind == "next_token" else diffusion_loss(teacher, MASK_EPS, "uniform")
+        for kind in on_task  # TASK_SOURCE_KINDS: the recipe refuses `source: task` on any other kind
     }
 
     def loss_fn(model, batch, generator):
@@ -110,8 +110,8 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
             values["next_token"] = next_token_loss(causal_logits, targets, canvas)
         if on_task:
             task_batch = {key[len(TASK_PREFIX) :]: value for key, value in batch.items() if key.startswith(TASK_PREFIX)}
-            for kind in on_task:
-                values[kind], _ = task_losses[kind](model, task_batch, generator)
+            for kind, task_loss in task_losses.items():
+                values[kind], _ = task_loss(model, task_batch, generator)
         weights_of = weights | on_task
         loss = sum(weights_of[kind].weight * value for kind, value in values.items())
         metrics = {kind: value.item() for kind, value in values.items()}

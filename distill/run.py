@@ -666,7 +666,9 @@ def run(recipe: Recipe) -> dict:
             began = time.perf_counter()
             announce(recipe, "distill", start)
             teacher_dir = checkpoints.get("teacher", out_dir / "teacher")
-            task_records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
+            task_records = None
+            if recipe.distill.reads_task_records:  # SDTT, or a regulariser with `source: task`
+                task_records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
             if recipe.distill.is_sdtt:
                 # SDTT trains on the task sequences themselves: no trajectory set is read.
                 records = task_records
