@@ -60,11 +60,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     return 2 * size**3 / statistics.median(times)
 
 
-def benchmark_records(recipe: Recipe, teacher_dir: Path, out_dir: Path) -> tuple[list[dict], str, list[dict]]:
+def benchmark_records(recipe: Recipe, teacher_dir: Path, out_dir: Path) -> tuple[list[dict], str, list[dict] | None]:
     """The records a distillation step trains on, where they come from (`trajectories` or `reference`), and the
-    task training records (what an SDTT run and `source: task` regularisers train on)."""
+    task training records when training reads them (an SDTT run, `source: task` regularisers), else None."""
     datasets = prepare_datasets(recipe, out_dir)
-    task_records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
+    task_records = None
+    if recipe.distill.reads_task_records:  # SDTT, or a regulariser with `source: task`
+        task_records = [record for name in recipe.data.task_names() for record in datasets[name]["train"]]
     if recipe.distill.is_sdtt:
         return task_records, "task", task_records
     records = training_records(recipe, datasets)

@@ -180,32 +180,31 @@ def test_every_term_scored_on_the_canvas_equals_its_full_width_value_and_gradien
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def distill_recipe(tmp_path, teacher_path, losses: list[dict], max_steps: int, **sections):
+    """A small trajectory-distillation recipe for the teacher at `teacher_path`, written and loaded."""
+    tree = {
+        "run": {"name": "d", "output_dir": str(tmp_path / "out")},
+        "teacher": {"path": str(teacher_path)},
+        "data": {"tasks": [{"name": "addition"}], "max_response_tokens": 8},
+        "train": {"max_steps": max_steps, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1},
+        "distill": {"curriculum": {"windows": [4, 8]}, "losses": losses},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+    }
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tree | sections))
+    return load_recipe(recipe_file)
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_distill_student_trains_and_saves_a_loadable_student(saved_teacher, tmp_path, kind):
     teacher, path = saved_teacher
-    recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"name": "d", "output_dir": str(tmp_path / "out")},
-                "teacher": {"path": str(path)},
-                "data": {"tasks": [{"name": "addition"}], "max_response_tokens": 8},
-                "student": {"kind": kind, "lora": {"r": 4, "alpha": 8}},
-                "train": {"max_steps": 3, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1},
-                "distill": {
-                    "curriculum": {"windows": [4, 8]},
-                    "losses": [
-                        {"kind": "trajectory_ce", "weight": 0.25},
-                        {"kind": "complementary_ce", "weight": 0.25},
-                        {"kind": "certainty_forcing", "weight": 0.25},
-                        {"kind": "masked_diffusion", "weight": 0.1},
-                    ],
-                },
-                "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-            }
-        )
-    )
-    recipe = load_recipe(recipe_file)
+    losses = [
+        {"kind": "trajectory_ce", "weight": 0.25},
+        {"kind": "complementary_ce", "weight": 0.25},
+        {"kind": "certainty_forcing", "weight": 0.25},
+        {"kind": "masked_diffusion", "weight": 0.1},
+    ]
+    recipe = distill_recipe(tmp_path, path, losses, 3, student={"kind": kind, "lora": {"r": 4, "alpha": 8}})
     student_dir = distill_student(recipe, path, records(teacher), tmp_path / "out")
     student = AutoModel.from_pretrained(student_dir)
     assert type(student).__name__ == "DreamModel"  # LoRA merged into plain weights
@@ -219,26 +218,8 @@ def test_distill_student_trains_and_saves_a_loadable_student(saved_teacher, tmp_
 
 def test_task_source_terms_train_on_the_task_records_given(saved_teacher, tmp_path):
     teacher, path = saved_teacher
-    recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"name": "d", "output_dir": str(tmp_path / "out")},
-                "teacher": {"path": str(path)},
-                "data": {"tasks": [{"name": "addition"}], "max_response_tokens": 8},
-                "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1},
-                "distill": {
-                    "curriculum": {"windows": [4, 8]},
-                    "losses": [
-                        {"kind": "trajectory_ce", "weight": 1.0},
-                        {"kind": "next_token", "weight": 0.5, "source": "task"},
-                    ],
-                },
-                "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-            }
-        )
-    )
-    recipe = load_recipe(recipe_file)
+    losses = [{"kind": "trajectory_ce", "weight": 1.0}, {"kind": "next_token", "weight": 0.5, "source": "task"}]
+    recipe = distill_recipe(tmp_path, path, losses, 2)
     with pytest.raises(ValueError, match="source: task needs the task training records"):
         distill_student(recipe, path, records(teacher), tmp_path / "out")
     distill_student(recipe, path, records(teacher), tmp_path / "out", task_records())
