@@ -93,6 +93,39 @@ def mask_tokens(
     return noisy, masked, t.to(input_ids.device)
 
 
+def mask_block_after_prefix(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    mask_token_id: int,
+    eps: float,
+    block: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise each row as a block decoder sees its canvas mid-answer: a clean prefix, a block, a masked future.
+
+    Per row a cut c ~ U{0..|response|-1} and t ~ U[eps, 1]: response tokens before c stay clean, the `block` tokens
+    from c are masked w.p. t (token c always, so the block is never done), every token after the block is masked.
+    Returns `(noisy_ids, masked, scored, t)`: `scored` is the block's masked tokens, the ones a block decoder
+    commits from this state; the masked future is input only. Why: under `mask_tokens` a masked result usually has
+    a copy of itself visible to its right (the next step's operand, the `#### answer`), so the loss teaches copying
+    from the right; when decoding, the right is masked and the result must be computed. Noise is drawn on CPU.
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    response = response_mask.bool()
+    rank = (response.long().cumsum(-1) - 1).cpu()  # each response token's index in its answer
+    lengths = response.sum(-1).cpu()
+    t = eps + (1 - eps) * torch.rand(batch, generator=generator)
+    cut = (torch.rand(batch, generator=generator) * lengths).long().clamp(max=(lengths - 1).clamp(min=0))
+    draws = torch.rand(batch, length, generator=generator)
+    in_block = (rank >= cut[:, None]) & (rank < cut[:, None] + block)
+    scored = in_block & ((draws < t[:, None]) | (rank == cut[:, None]))
+    masked = scored | (rank >= cut[:, None] + block)
+    scored, masked = scored.to(device) & response, masked.to(device) & response
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, masked, scored, t.to(device)
+
+
 def masked_diffusion_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,

@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 
 from distill.data import SequencePool, encode_records
-from distill.losses import loss_start, mask_tokens, masked_diffusion_loss, next_token_loss
+from distill.losses import (
+    loss_start,
+    mask_block_after_prefix,
+    mask_tokens,
+    masked_diffusion_loss,
+    next_token_loss,
+)
 from distill.ranks import current_rank
 from distill.recipe import Recipe, TrainConfig
 from distill.trainer import RESUME_SAFE_FIELDS, LossFn, Trainer
@@ -50,25 +56,42 @@ def ar_loss(teacher: Teacher) -> LossFn:
     return loss_fn
 
 
-def diffusion_loss(teacher: Teacher, eps: float, weighting: str, ar_anchor_weight: float = 0.0) -> LossFn:
+def diffusion_loss(
+    teacher: Teacher,
+    eps: float,
+    weighting: str,
+    ar_anchor_weight: float = 0.0,
+    prefix_fraction: float = 0.0,
+    prefix_block: int = 8,
+) -> LossFn:
     """Masked-diffusion CE on the noised response tokens (`masked_diffusion_loss` with `weighting`), plus
     `ar_anchor_weight` times `ar_loss`; logs `diffusion_ce` and `masked_fraction` (and `ar_ce` when anchored).
 
+    The first `round(prefix_fraction * B)` rows of each batch are noised as a block decoder sees its canvas
+    (`mask_block_after_prefix` with `prefix_block`) and scored on their block only; the rest by `mask_tokens`.
     Scores the columns from the first response token on, as `ar_loss` does; the noise is drawn at full width.
     """
     anchor = ar_loss(teacher) if ar_anchor_weight > 0 else None
 
     def loss_fn(model, batch, generator):
-        noisy, masked, t = mask_tokens(
-            batch["input_ids"], batch["response_mask"], teacher.mask_token_id, eps, generator
-        )
-        start = loss_start(batch["response_mask"])
+        ids, response_mask = batch["input_ids"], batch["response_mask"]
+        noisy, masked, t = mask_tokens(ids, response_mask, teacher.mask_token_id, eps, generator)
+        scored = masked
+        prefix_rows = round(prefix_fraction * ids.shape[0])
+        if prefix_rows:
+            block = mask_block_after_prefix(
+                ids[:prefix_rows], response_mask[:prefix_rows], teacher.mask_token_id, eps, prefix_block, generator
+            )
+            noisy, masked, scored, t = (
+                torch.cat([part, whole[prefix_rows:]])
+                for part, whole in zip(block, (noisy, masked, masked, t), strict=True)
+            )
+        start = loss_start(response_mask)
         logits = teacher.with_model(model).forward(
             noisy, batch["attention_mask"], causal=False, start=start, **vision_of(batch)
         )
-        ids, response = batch["input_ids"][:, start:], batch["response_mask"][:, start:]
-        loss = masked_diffusion_loss(logits, ids, masked[:, start:], t, response, weighting)
-        metrics = {"diffusion_ce": loss.item(), "masked_fraction": (masked.sum() / batch["response_mask"].sum()).item()}
+        loss = masked_diffusion_loss(logits, ids[:, start:], scored[:, start:], t, response_mask[:, start:], weighting)
+        metrics = {"diffusion_ce": loss.item(), "masked_fraction": (masked.sum() / response_mask.sum()).item()}
         if anchor is not None:
             anchor_loss, anchor_metrics = anchor(model, batch, generator)
             loss = loss + ar_anchor_weight * anchor_loss
@@ -92,6 +115,8 @@ def pretrain_fingerprint(recipe: Recipe, phase: str) -> str:
         payload["train_vision"] = spec.train_vision
     if phase == "diffusion":
         payload["objective"] = [spec.mask_eps, spec.loss_weighting, spec.ar_anchor_weight]
+        if spec.prefix_fraction:  # absent at 0, so the caches of recipes without it keep their keys
+            payload["objective"] += [spec.prefix_fraction, spec.prefix_block]
         payload["ar"] = spec.ar.model_dump(mode="json", exclude=RESUME_SAFE_FIELDS - {"max_steps"})
     return json.dumps(payload, sort_keys=True)
 
@@ -145,7 +170,9 @@ def pretrain_teacher(recipe: Recipe, train_records: list[dict], out_dir: Path) -
         teacher.model.config.causal = False
 
     # ---- diffusion phase ----------------------------------------------------------------------------------
-    loss_fn = diffusion_loss(teacher, spec.mask_eps, spec.loss_weighting, spec.ar_anchor_weight)
+    loss_fn = diffusion_loss(
+        teacher, spec.mask_eps, spec.loss_weighting, spec.ar_anchor_weight, spec.prefix_fraction, spec.prefix_block
+    )
     _train_phase(teacher, recipe, spec.diffusion, "diffusion", loss_fn, examples, out_dir)
     if current_rank() == 0:
         save_teacher(teacher, teacher_dir)

@@ -472,6 +472,10 @@ class PretrainConfig(Section):
     - `ar_anchor_weight`: the diffusion phase also takes the AR phase's next-token loss (causal attention, same
       weights) at this weight; 0 is pure masked diffusion. It keeps what the AR phase learned while the model
       adapts to full attention over masks (`distill/pretrain.py`; measured in `docs/benchmark.md`).
+    - `prefix_fraction`: the share of each diffusion batch noised as a block decoder sees its canvas mid-answer
+      (clean prefix, a block of `prefix_block` tokens masked at rate t, the rest masked) and scored on that block
+      only (`distill.losses.mask_block_after_prefix`); 0 noises every row uniformly. Needs `uniform` weighting.
+    - `prefix_block`: the block length of those rows (the decoders' `block_length`).
     - `train_vision`: Dimple only: which of its vision parts train in both phases: `projector` (default: the
       vision tower stays at its random initialisation, a fixed feature extractor whose features already separate
       small drawn images, and the image projector learns to map them into the LM), `all` (tower too), `none`.
@@ -488,6 +492,8 @@ class PretrainConfig(Section):
     mask_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     loss_weighting: Literal["uniform", "inverse_t"] = "uniform"
     ar_anchor_weight: Annotated[float, Field(ge=0)] = 0.0
+    prefix_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    prefix_block: Annotated[int, Field(ge=1)] = 8
     train_vision: Literal["all", "projector", "none"] = "projector"
 
     @field_validator("ar", "diffusion")
@@ -498,6 +504,13 @@ class PretrainConfig(Section):
         if phase.zero_stage == 3:
             raise ValueError("zero_stage 3 (ZeRO-3) is not supported for teacher pretraining; use 0, 1 or 2")
         return phase
+
+    @model_validator(mode="after")
+    def _prefix_rows_are_a_mean(self) -> PretrainConfig:
+        # A block row scores a handful of tokens chosen by its cut, not |response| * t of them: 1/t has no meaning.
+        if self.prefix_fraction and self.loss_weighting != "uniform":
+            raise ValueError("prefix_fraction needs loss_weighting 'uniform' (a block row's loss is its block's mean)")
+        return self
 
 
 class TeacherConfig(Section):

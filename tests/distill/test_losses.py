@@ -10,6 +10,7 @@ from distill.losses import (
     forward_kl,
     log_prob_mse,
     loss_start,
+    mask_block_after_prefix,
     mask_tokens,
     masked_diffusion_loss,
     next_token_loss,
@@ -60,6 +61,38 @@ def test_mask_tokens_masks_only_response_at_rate_t():
     assert torch.allclose(rates, t, atol=0.05)
     again = mask_tokens(ids, response, 0, 0.1, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], noisy)
+
+
+def test_mask_block_after_prefix_keeps_a_clean_prefix_a_noised_block_and_a_masked_future():
+    ids = torch.arange(3 * 40).remainder(50).view(3, 40) + 10
+    response = torch.zeros(3, 40, dtype=torch.long)
+    response[0, 5:] = 1
+    response[1, 12:30] = 1  # right-padded after its answer
+    response[2, 39:] = 1  # a one-token answer
+    seen_cuts = set()
+    for seed in range(20):
+        noisy, masked, scored, t = mask_block_after_prefix(
+            ids, response, 0, 0.01, 4, torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(noisy[masked], torch.zeros(int(masked.sum()), dtype=torch.long))
+        assert torch.equal(noisy[~masked], ids[~masked])
+        assert not (masked & ~response.bool()).any() and not (scored & ~masked).any()
+        assert ((t >= 0.01) & (t <= 1)).all()
+        for row in range(3):
+            positions = response[row].nonzero().flatten()
+            cut = int(positions[masked[row, positions]].min()) - int(positions[0])  # the first masked answer token
+            seen_cuts.add((row, cut))
+            rank = torch.arange(len(positions))
+            row_masked, row_scored = masked[row, positions], scored[row, positions]
+            assert row_scored[cut]  # the block's first token is always a target
+            assert not row_masked[rank < cut].any()  # clean prefix
+            assert not row_scored[rank >= cut + 4].any() and row_masked[rank >= cut + 4].all()  # masked future
+            assert torch.equal(
+                row_scored[(rank >= cut) & (rank < cut + 4)], row_masked[(rank >= cut) & (rank < cut + 4)]
+            )
+    assert len({cut for row, cut in seen_cuts if row == 0}) > 5 and (2, 0) in seen_cuts
+    again = mask_block_after_prefix(ids, response, 0, 0.01, 4, torch.Generator().manual_seed(19))
+    assert all(torch.equal(a, b) for a, b in zip(again, (noisy, masked, scored, t), strict=True))
 
 
 def test_uniform_weighting_is_mean_ce_over_masked_tokens():

@@ -2,11 +2,12 @@
 
 import math
 
+import pytest
 import torch
 
-from distill.losses import loss_start, mask_tokens
+from distill.losses import loss_start, mask_block_after_prefix, mask_tokens
 from distill.pretrain import ar_loss, diffusion_loss, pretrain_fingerprint
-from distill.recipe import load_recipe
+from distill.recipe import RecipeError, load_recipe
 from tests.builders import right_padded_batch, tiny_teacher
 
 
@@ -67,9 +68,39 @@ def test_both_phases_scored_from_the_first_response_column_equal_their_full_widt
         assert metrics["masked_fraction"] == (masked.sum() / response_mask.sum()).item()
 
 
+def test_prefix_rows_are_noised_as_a_block_decoder_sees_them_and_scored_on_their_block():
+    torch.manual_seed(0)
+    teacher = tiny_teacher(32, 64, 2, 4, 2, 64)
+    batch = right_padded_batch(teacher)
+    ids, attention, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    loss, metrics = diffusion_loss(teacher, 0.01, "uniform", prefix_fraction=0.5, prefix_block=2)(
+        teacher.model, batch, torch.Generator().manual_seed(5)
+    )
+    # Row 0 is the prefix row: its noise is drawn after the uniform draw of the whole batch, from the same generator.
+    generator = torch.Generator().manual_seed(5)
+    noisy, masked, _ = mask_tokens(ids, response_mask, teacher.mask_token_id, 0.01, generator)
+    block = mask_block_after_prefix(ids[:1], response_mask[:1], teacher.mask_token_id, 0.01, 2, generator)
+    noisy[:1], masked[:1] = block[0], block[1]
+    scored = masked.clone()
+    scored[:1] = block[2]
+    sums = _full_width_ce(teacher.forward(noisy, attention, causal=False), ids, scored)
+    expected = (sums / scored.sum(-1).clamp(min=1)).mean()
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+    assert metrics["masked_fraction"] == (masked.sum() / response_mask.sum()).item()
+    with pytest.raises(RecipeError, match="prefix_fraction needs loss_weighting 'uniform'"):
+        load_recipe(
+            "recipes/benchmark.yaml",
+            ["teacher.pretrain.prefix_fraction=0.5", "teacher.pretrain.loss_weighting=inverse_t"],
+        )
+
+
 def test_changing_the_diffusion_objective_keeps_the_ar_phase_and_restarts_the_diffusion_phase():
     base = load_recipe("recipes/benchmark.yaml", [])
-    for override in ["teacher.pretrain.ar_anchor_weight=0.0", "teacher.pretrain.mask_eps=0.01"]:
+    for override in [
+        "teacher.pretrain.ar_anchor_weight=0.0",
+        "teacher.pretrain.mask_eps=0.01",
+        "teacher.pretrain.prefix_fraction=0.5",
+    ]:
         changed = load_recipe("recipes/benchmark.yaml", [override])
         assert pretrain_fingerprint(changed, "ar") == pretrain_fingerprint(base, "ar"), override
         assert pretrain_fingerprint(changed, "diffusion") != pretrain_fingerprint(base, "diffusion"), override
