@@ -35,7 +35,7 @@ from distill.data import SequencePool, encode_records
 from distill.losses import (
     certainty_forcing_loss,
     loss_start,
-    mask_tokens,
+    mask_for_diffusion,
     masked_ce,
     masked_diffusion_loss,
     next_token_loss,
@@ -70,8 +70,10 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
     on_task = {term.kind: term for term in terms if term.source == "task"}
     weights = {term.kind: term for term in terms if term.source == "trajectories"}
     task_losses = {
-        kind: ar_loss(teacher) if kind == "next_token" else diffusion_loss(teacher, MASK_EPS, "uniform")
-        for kind in on_task  # TASK_SOURCE_KINDS: the recipe refuses `source: task` on any other kind
+        kind: ar_loss(teacher)
+        if kind == "next_token"
+        else diffusion_loss(teacher, MASK_EPS, "uniform", 0.0, term.prefix_fraction, term.prefix_block)
+        for kind, term in on_task.items()  # TASK_SOURCE_KINDS: the recipe refuses `source: task` on any other kind
     }
 
     def loss_fn(model, batch, generator):
@@ -98,12 +100,19 @@ def distillation_loss(teacher: Teacher, terms: list[LossTerm]) -> LossFn:
             values["certainty_forcing"] = certainty
         if "masked_diffusion" in weights:
             # Noised at full width, so a generator draws what it drew before the forward was cut to the canvas.
-            noisy, noised, t = mask_tokens(
-                batch["targets"], batch["canvas_mask"], teacher.mask_token_id, MASK_EPS, generator
+            term = weights["masked_diffusion"]
+            noisy, _, scored, t = mask_for_diffusion(
+                batch["targets"],
+                batch["canvas_mask"],
+                teacher.mask_token_id,
+                MASK_EPS,
+                generator,
+                term.prefix_fraction,
+                term.prefix_block,
             )
             diffusion_logits = student.forward(noisy, attention, start=start, **vision)
             values["masked_diffusion"] = masked_diffusion_loss(
-                diffusion_logits, targets, noised[:, start:], t, canvas, "uniform"
+                diffusion_logits, targets, scored[:, start:], t, canvas, "uniform"
             )
         if "next_token" in weights:
             causal_logits = student.forward(batch["targets"], attention, causal=True, start=start, **vision)

@@ -106,9 +106,10 @@ def mask_block_after_prefix(
     Per row a cut c ~ U{0..|response|-1} and t ~ U[eps, 1]: response tokens before c stay clean, the `block` tokens
     from c are masked w.p. t (token c always, so the block is never done), every token after the block is masked.
     Returns `(noisy_ids, masked, scored, t)`: `scored` is the block's masked tokens, the ones a block decoder
-    commits from this state; the masked future is input only. Why: under `mask_tokens` a masked result usually has
-    a copy of itself visible to its right (the next step's operand, the `#### answer`), so the loss teaches copying
-    from the right; when decoding, the right is masked and the result must be computed. Noise is drawn on CPU.
+    commits from this state; the masked future is input only. Why: under `mask_tokens` the state a decoder puts a
+    token in (everything before it known, everything after it masked) is rare, and much of a token's loss can be
+    met from its right (in chain arithmetic each result reappears as the next step's operand and in the
+    `#### answer`); these rows train that state directly. Noise is drawn on CPU.
     """
     batch, length = input_ids.shape
     device = input_ids.device
@@ -124,6 +125,29 @@ def mask_block_after_prefix(
     scored, masked = scored.to(device) & response, masked.to(device) & response
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     return noisy, masked, scored, t.to(device)
+
+
+def mask_for_diffusion(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    mask_token_id: int,
+    eps: float,
+    generator: torch.Generator,
+    prefix_fraction: float = 0.0,
+    prefix_block: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked-diffusion noise of a batch: `(noisy_ids, masked, scored, t)`.
+
+    Every row by `mask_tokens` (scored where masked), then the first `round(prefix_fraction * B)` rows replaced by
+    `mask_block_after_prefix` (scored on their block), drawn after the uniform draw from the same generator.
+    """
+    noisy, masked, t = mask_tokens(input_ids, response_mask, mask_token_id, eps, generator)
+    rows = round(prefix_fraction * input_ids.shape[0])
+    if not rows:
+        return noisy, masked, masked, t
+    block = mask_block_after_prefix(input_ids[:rows], response_mask[:rows], mask_token_id, eps, prefix_block, generator)
+    whole = (noisy, masked, masked, t)
+    return tuple(torch.cat([part, rest[rows:]]) for part, rest in zip(block, whole, strict=True))
 
 
 def masked_diffusion_loss(

@@ -1345,12 +1345,17 @@ class LossTerm(Section):
       drawn as teacher pretraining draws them: the reference response with answer padding, so the term is the
       teacher's own pretraining loss on the whole training split, not on the few thousand prompts that have
       trajectories). The other kinds only have `trajectories` (`sdtt` reads the task records by itself).
+    - `prefix_fraction`, `prefix_block`: `masked_diffusion` only: that share of its rows noised as a block decoder
+      sees its canvas and scored on the block, as `teacher.pretrain.prefix_fraction` does for the teacher (set
+      both alike, so the term is the teacher's own loss: uniform masking alone undoes what the block rows taught).
     """
 
     kind: Literal["trajectory_ce", "complementary_ce", "certainty_forcing", "masked_diffusion", "next_token", "sdtt"]
     weight: PositiveFloat = 1.0
     temperature: PositiveFloat = 0.5
     source: Literal["trajectories", "task"] = "trajectories"
+    prefix_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    prefix_block: Annotated[int, Field(ge=1)] = 8
 
     @model_validator(mode="after")
     def _source_of_regulariser(self) -> LossTerm:
@@ -1359,6 +1364,8 @@ class LossTerm(Section):
                 f"source: task is for the regularisers {' and '.join(TASK_SOURCE_KINDS)}; {self.kind} trains on "
                 "trajectories"
             )
+        if self.prefix_fraction and self.kind != "masked_diffusion":
+            raise ValueError(f"prefix_fraction is for the masked_diffusion term; {self.kind} has no noising")
         return self
 
 
