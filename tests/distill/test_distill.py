@@ -10,7 +10,14 @@ from transformers import AutoModel
 from distill.d3llm import Curriculum, TrajectoryBatches
 from distill.data import SequencePool, encode_records
 from distill.distill import MASK_EPS, TASK_PREFIX, distill_student, distillation_loss
-from distill.losses import certainty_forcing_loss, loss_start, mask_tokens, masked_ce, next_token_loss
+from distill.losses import (
+    certainty_forcing_loss,
+    loss_start,
+    mask_for_diffusion,
+    mask_tokens,
+    masked_ce,
+    next_token_loss,
+)
 from distill.pretrain import ar_loss, diffusion_loss
 from distill.recipe import LossTerm, load_recipe
 from teachers.interface import load_teacher, save_teacher
@@ -178,6 +185,26 @@ def test_every_term_scored_on_the_canvas_equals_its_full_width_value_and_gradien
         torch.autograd.grad(loss, parameters), torch.autograd.grad(reference, parameters), strict=True
     ):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_diffusion_term_noises_its_prefix_rows_as_teacher_pretraining_does(saved_teacher):
+    teacher, _ = saved_teacher
+    batch = TrajectoryBatches(
+        records(teacher), 4, 10, Curriculum(windows=(4,)), teacher.mask_token_id, teacher.pad_token_id, seed=0
+    ).batch(3)
+    term = LossTerm(kind="masked_diffusion", prefix_fraction=0.5, prefix_block=2)
+    loss, _ = distillation_loss(teacher, [term])(teacher.model, batch, torch.Generator().manual_seed(0))
+    targets, canvas = batch["targets"], batch["canvas_mask"]
+    noisy, masked, scored, _ = mask_for_diffusion(
+        targets, canvas, teacher.mask_token_id, MASK_EPS, torch.Generator().manual_seed(0), 0.5, 2
+    )
+    assert not torch.equal(scored[:2], masked[:2]) and torch.equal(scored[2:], masked[2:])  # two block rows
+    sums, counts = _full_width(teacher.forward(noisy, batch["attention_mask"]), targets, scored)
+    assert math.isclose(loss.item(), (sums / counts.clamp(min=1)).mean().item(), rel_tol=1e-5)
+    uniform, _ = distillation_loss(teacher, [LossTerm(kind="masked_diffusion")])(
+        teacher.model, batch, torch.Generator().manual_seed(0)
+    )
+    assert abs(uniform.item() - loss.item()) > 1e-4
 
 
 def distill_recipe(tmp_path, teacher_path, losses: list[dict], max_steps: int, **sections):

@@ -141,6 +141,12 @@ MALFORMED = [
         ["distill.losses=[{kind: trajectory_ce, source: task}]"],
         "distill.losses.0: Value error, source: task is for the regularisers",
     ),
+    (
+        "prefix-rows-on-a-term-without-noising",
+        MINIMAL,
+        ["distill.losses=[{kind: trajectory_ce, prefix_fraction: 0.5}]"],
+        "prefix_fraction is for the masked_diffusion term",
+    ),
     ("sdtt-mixed", MINIMAL, ["distill.losses=[{kind: sdtt}, {kind: trajectory_ce}]"], "distill.losses"),
     ("sdtt-zero3", MINIMAL, ["run.stages=[distill]", "distill.losses=[{kind: sdtt}]", "train.zero_stage=3"], "sdtt"),
     (
