@@ -510,6 +510,8 @@ class PretrainConfig(Section):
         # A block row scores a handful of tokens chosen by its cut, not |response| * t of them: 1/t has no meaning.
         if self.prefix_fraction and self.loss_weighting != "uniform":
             raise ValueError("prefix_fraction needs loss_weighting 'uniform' (a block row's loss is its block's mean)")
+        if "prefix_block" in self.model_fields_set and not self.prefix_fraction:
+            raise ValueError("prefix_block sizes the block rows of prefix_fraction; set prefix_fraction > 0 or drop it")
         return self
 
 
@@ -1367,6 +1369,12 @@ class LossTerm(Section):
             )
         if self.prefix_fraction and self.kind != "masked_diffusion":
             raise ValueError(f"prefix_fraction is for the masked_diffusion term; {self.kind} has no noising")
+        # A block size that no row uses would be silently ignored: refuse it rather than let it look in effect.
+        if "prefix_block" in self.model_fields_set and not self.prefix_fraction:
+            raise ValueError(
+                "prefix_block sizes the block rows of prefix_fraction; set prefix_fraction > 0 on a masked_diffusion "
+                "term, or drop prefix_block"
+            )
         return self
 
 

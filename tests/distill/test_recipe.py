@@ -147,6 +147,18 @@ MALFORMED = [
         ["distill.losses=[{kind: trajectory_ce, prefix_fraction: 0.5}]"],
         "prefix_fraction is for the masked_diffusion term",
     ),
+    (
+        "prefix-block-without-prefix-rows",
+        MINIMAL,
+        ["distill.losses=[{kind: next_token, prefix_block: 16}]"],
+        "distill.losses.0: Value error, prefix_block sizes the block rows of prefix_fraction",
+    ),
+    (
+        "teacher-prefix-block-without-prefix-rows",
+        MINIMAL,
+        ["teacher.pretrain.prefix_block=16"],
+        "teacher.pretrain: Value error, prefix_block sizes the block rows of prefix_fraction",
+    ),
     ("sdtt-mixed", MINIMAL, ["distill.losses=[{kind: sdtt}, {kind: trajectory_ce}]"], "distill.losses"),
     ("sdtt-zero3", MINIMAL, ["run.stages=[distill]", "distill.losses=[{kind: sdtt}]", "train.zero_stage=3"], "sdtt"),
     (
