@@ -458,6 +458,16 @@ class ModelSizeConfig(Section):
         return self
 
 
+DEFAULT_PREFIX_BLOCK = 8
+
+
+def unused_prefix_block(prefix_fraction: float, prefix_block: int) -> bool:
+    """True when a block size other than the default is set but no row is noised in blocks (`prefix_fraction` 0):
+    it would be silently ignored. The default itself passes, so a resolved recipe (which writes every field) reloads.
+    """
+    return not prefix_fraction and prefix_block != DEFAULT_PREFIX_BLOCK
+
+
 class PretrainConfig(Section):
     """Dimple-style teacher pretraining: an autoregressive phase, then a masked-diffusion phase.
 
@@ -493,7 +503,7 @@ class PretrainConfig(Section):
     loss_weighting: Literal["uniform", "inverse_t"] = "uniform"
     ar_anchor_weight: Annotated[float, Field(ge=0)] = 0.0
     prefix_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
-    prefix_block: Annotated[int, Field(ge=1)] = 8
+    prefix_block: Annotated[int, Field(ge=1)] = DEFAULT_PREFIX_BLOCK
     train_vision: Literal["all", "projector", "none"] = "projector"
 
     @field_validator("ar", "diffusion")
@@ -510,7 +520,7 @@ class PretrainConfig(Section):
         # A block row scores a handful of tokens chosen by its cut, not |response| * t of them: 1/t has no meaning.
         if self.prefix_fraction and self.loss_weighting != "uniform":
             raise ValueError("prefix_fraction needs loss_weighting 'uniform' (a block row's loss is its block's mean)")
-        if "prefix_block" in self.model_fields_set and not self.prefix_fraction:
+        if unused_prefix_block(self.prefix_fraction, self.prefix_block):
             raise ValueError("prefix_block sizes the block rows of prefix_fraction; set prefix_fraction > 0 or drop it")
         return self
 
@@ -1358,7 +1368,7 @@ class LossTerm(Section):
     temperature: PositiveFloat = 0.5
     source: Literal["trajectories", "task"] = "trajectories"
     prefix_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
-    prefix_block: Annotated[int, Field(ge=1)] = 8
+    prefix_block: Annotated[int, Field(ge=1)] = DEFAULT_PREFIX_BLOCK
 
     @model_validator(mode="after")
     def _source_of_regulariser(self) -> LossTerm:
@@ -1369,8 +1379,7 @@ class LossTerm(Section):
             )
         if self.prefix_fraction and self.kind != "masked_diffusion":
             raise ValueError(f"prefix_fraction is for the masked_diffusion term; {self.kind} has no noising")
-        # A block size that no row uses would be silently ignored: refuse it rather than let it look in effect.
-        if "prefix_block" in self.model_fields_set and not self.prefix_fraction:
+        if unused_prefix_block(self.prefix_fraction, self.prefix_block):
             raise ValueError(
                 "prefix_block sizes the block rows of prefix_fraction; set prefix_fraction > 0 on a masked_diffusion "
                 "term, or drop prefix_block"
